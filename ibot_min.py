@@ -1,0 +1,673 @@
+"""ibot_min: iBOT (Zhou et al., "iBOT: Image BERT Pre-Training with Online Tokenizer", ICLR 2022) in one file.
+
+A student ViT learns to match an EMA teacher on two tasks at once:
+  * [CLS] self-distillation across views (as in DINO), and
+  * masked image modeling (MIM): on masked patches of a global view the student predicts the teacher's
+    softmax over K prototypes for the *unmasked* view. The teacher is the "online tokenizer".
+
+Read top to bottom: config and presets, ViT, masking, head, loss, teacher update and schedules,
+multi-crop views, the training-step module, checkpoints. ../shared/SPEC.md (or the paper) states every
+formula; the symbols in the comments (P_u, Q_un, tau_t, lambda2, ...) are the paper's.
+"""
+
+import argparse
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image, ImageFilter
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+# ---------------------------------------------------------------------------------------------------
+# ---- config and presets ----
+
+
+# width / depth / heads of the standard ViTs; the standard ones use 64-wide heads.
+# Parameter counts are for the backbone at patch 16, 224 px (vit_nano: 0.8M at patch 4, 32 px).
+PRESETS = {
+    "vit_nano": dict(embed_dim=128, depth=4, num_heads=2),  # 0.8M, for CPU tests and smoke runs
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),  # 5.5M
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),  # 21.7M
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),  # 85.8M
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),  # 303.3M
+}
+
+
+@dataclass
+class IBOTConfig:
+    """Everything that shapes the networks and the loss. Defaults: the official ViT-S/16 recipe."""
+
+    arch: str = "vit_small"  # a key of PRESETS
+    patch_size: int = 16
+    img_size: int = 224  # global crop size; position embeddings are made for it and interpolated otherwise
+    drop_path_rate: float = 0.1  # student only; the teacher has none
+    out_dim: int = 8192  # K, prototypes for [CLS]
+    patch_out_dim: int = 8192  # K_p, prototypes for patches (must equal K with a shared head)
+    shared_head: bool = True  # [CLS] and patches share prototypes, in student and teacher alike
+    norm_last_layer: bool = False  # True freezes the weight-norm gain at 1 (DINO's stabiliser)
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    n_global_crops: int = 2  # g
+    n_local_crops: int = 10  # l
+    student_temp: float = 0.1  # tau_s
+    center_momentum: float = 0.9  # for c and c'
+    lambda1: float = 1.0  # weight of L_cls
+    lambda2: float = 1.0  # weight of L_mim
+
+    def __post_init__(self):
+        if self.arch not in PRESETS:
+            raise ValueError(f"unknown arch {self.arch!r}; expected one of {sorted(PRESETS)}")
+        if self.shared_head and self.patch_out_dim != self.out_dim:
+            raise ValueError(f"a shared head needs patch_out_dim == out_dim, got {self.patch_out_dim} != {self.out_dim}")
+        if self.n_global_crops < 1 or self.n_global_crops + self.n_local_crops < 2:
+            raise ValueError(f"need >= 1 global crop and >= 2 crops in all, got g={self.n_global_crops}, "
+                             f"l={self.n_local_crops}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- vision transformer (timm / DINO parameter names, so public checkpoints load as they are) ----
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch of a random subset of samples."""
+    if p == 0.0 or not training:
+        return x
+    keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def _qkv(self, x):
+        return rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        q, k, v = self._qkv(x)  # each (B, h, T, d)
+        x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels where available
+        return self.proj(rearrange(x, "b h t d -> b t (h d)"))
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, h, T, T)
+        """The plain softmax(q k^T / sqrt(d)) that SDPA computes internally, for pictures and tests."""
+        q, k, _ = self._qkv(x)
+        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, N, D), patches row-major: n = i * w + j
+        if x.ndim != 4 or x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
+            raise ValueError(f"expected images (B, C, H, W) with H and W divisible by the patch size "
+                             f"{self.patch_size}, got shape {tuple(x.shape)}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = 12,
+                 num_heads: int = 6, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
+                 masked_embed: bool = False, in_chans: int = 3):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
+        self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        num_patches = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth rises over the blocks
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        # the student's learned [MASK] token e_[MASK]; zeros as in the official code
+        self.masked_embed = nn.Parameter(torch.zeros(1, embed_dim)) if masked_embed else None
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def interpolate_pos_embed(self, h: int, w: int) -> torch.Tensor:  # -> (1, 1 + h*w, D)
+        n = self.pos_embed.shape[1] - 1
+        if n == h * w and h == w:
+            return self.pos_embed
+        side = int(math.sqrt(n))
+        grid = rearrange(self.pos_embed[:, 1:], "1 (i j) d -> 1 d i j", i=side)
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(grid.dtype)
+        return torch.cat([self.pos_embed[:, :1], rearrange(grid, "1 d i j -> 1 (i j) d")], dim=1)
+
+    def prepare_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, _, H, W = x.shape
+        x = self.patch_embed(x)  # (B, N, D)
+        if mask is not None:
+            if self.masked_embed is None:
+                raise ValueError("this ViT has no masked_embed (the teacher's has none); build it with masked_embed=True")
+            if mask.shape != x.shape[:2] or mask.dtype != torch.bool:
+                raise ValueError(f"expected a bool mask of shape {tuple(x.shape[:2])} (B, N), "
+                                 f"got {mask.dtype} {tuple(mask.shape)}")
+            x = torch.where(mask[..., None], self.masked_embed.to(x.dtype), x)  # masked patches -> e_[MASK]
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, 1+N, D)
+        p = self.patch_size
+        return x + self.interpolate_pos_embed(H // p, W // p).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) images, optional (B, N) bool mask -> (B, 1+N, D) tokens after the final norm."""
+        x = self.prepare_tokens(x, mask)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:  # -> (B, heads, 1+N, 1+N)
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.blocks[-1].attn.attention_map(self.blocks[-1].norm1(x))
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """Tokens of the last n blocks, each through the final norm (the linear-probe features)."""
+        x = self.prepare_tokens(x)
+        out = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - n:
+                out.append(self.norm(x))
+        return out
+
+
+def _vit(name):
+    def build(patch_size: int = 16, **overrides) -> VisionTransformer:
+        return VisionTransformer(patch_size=patch_size, **{**PRESETS[name], **overrides})
+    build.__name__ = name
+    build.__doc__ = f"{name}: {PRESETS[name]}; any VisionTransformer argument can be overridden."
+    return build
+
+
+vit_nano, vit_tiny, vit_small, vit_base, vit_large = (_vit(n) for n in PRESETS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- masking (which patches the student sees as [MASK]) ----
+
+
+def _uniform(a: float, b: float, g: torch.Generator | None) -> float:
+    return a + (b - a) * torch.rand((), generator=g).item()
+
+
+def _randint(low: int, high: int, g: torch.Generator | None) -> int:  # inclusive bounds, like random.randint
+    return int(torch.randint(low, high + 1, (), generator=g))
+
+
+def block_mask(height: int, width: int, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """BEiT's blockwise masking of about ratio * height * width patches -> (height, width) bool.
+
+    Rectangles of area U(min_area, target - count) and aspect ratio in [0.3, 1/0.3] are laid until the
+    count reaches the target, or 10 attempts in a row add nothing; the count may stay below target.
+    """
+    if not 0 <= ratio < 1:
+        raise ValueError(f"mask ratio must lie in [0, 1), got {ratio}")
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    target = ratio * height * width  # a float, as in the official code
+    min_area = (min(height, width) // 3) ** 2
+    log_aspect = (math.log(0.3), math.log(1 / 0.3))
+    count = 0
+    while count < target:
+        room, added = target - count, 0
+        for _ in range(10):
+            area = _uniform(min_area, room, generator)  # U(a, b) with b < a is fine: it draws from [b, a]
+            aspect = math.exp(_uniform(*log_aspect, generator))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if h < height and w < width:
+                top, left = _randint(0, height - h, generator), _randint(0, width - w, generator)
+                block = mask[top:top + h, left:left + w]
+                new = h * w - int(block.sum())
+                if 0 < new <= room:
+                    block.fill_(True)
+                    added = new
+                    break
+        if added == 0:
+            break
+        count += added
+    return mask
+
+
+def random_mask(height: int, width: int, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exactly int(ratio * height * width) patches chosen uniformly -> (height, width) bool."""
+    if not 0 <= ratio < 1:
+        raise ValueError(f"mask ratio must lie in [0, 1), got {ratio}")
+    n = height * width
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=generator)[:int(ratio * n)]] = True
+    return mask.view(height, width)
+
+
+def sample_ratio(ratios=(0.0, 0.3), ratio_vars=(0.0, 0.2), generator: torch.Generator | None = None) -> float:
+    """r_i ~ U(ratio_i - var_i, ratio_i + var_i) for each pair, then one of them at random."""
+    if len(ratios) != len(ratio_vars) or not ratios:
+        raise ValueError(f"ratios and ratio_vars must be non-empty and of equal length, got {ratios}, {ratio_vars}")
+    draws = []
+    for r, v in zip(ratios, ratio_vars):
+        if not (0 <= v <= r and r + v < 1):
+            raise ValueError(f"need 0 <= var <= ratio and ratio + var < 1, got ratio {r}, var {v}")
+        draws.append(_uniform(r - v, r + v, generator) if v > 0 else r)
+    return draws[_randint(0, len(draws) - 1, generator)]
+
+
+def sample_masks(n_crops: int, height: int, width: int, ratios=(0.0, 0.3), ratio_vars=(0.0, 0.2),
+                 shape: str = "block", generator: torch.Generator | None = None) -> torch.Tensor:
+    """One mask per global crop, each with its own ratio -> (n_crops, height, width) bool."""
+    if shape not in ("block", "rand"):
+        raise ValueError(f"mask shape must be 'block' or 'rand', got {shape!r}")
+    fn = block_mask if shape == "block" else random_mask
+    return torch.stack([fn(height, width, sample_ratio(ratios, ratio_vars, generator), generator)
+                        for _ in range(n_crops)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- projection head: MLP, L2 norm, weight-normalised prototypes ----
+
+
+class WeightNormLinear(nn.Module):
+    """W = g * V / ||V|| (row-wise), no bias. The official parameter names weight_g and weight_v."""
+
+    def __init__(self, in_dim: int, out_dim: int, freeze_gain: bool):
+        super().__init__()
+        self.weight_v = nn.Parameter(nn.init.trunc_normal_(torch.empty(out_dim, in_dim), std=0.02))
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not freeze_gain)
+
+    def forward(self, x):
+        return F.linear(x, self.weight_g * F.normalize(self.weight_v, dim=1))
+
+
+class IBOTHead(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, patch_out_dim: int, shared: bool = True,
+                 norm_last_layer: bool = False, hidden_dim: int = 2048, bottleneck_dim: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, norm_last_layer)
+        self.last_layer2 = None if shared else WeightNormLinear(bottleneck_dim, patch_out_dim, norm_last_layer)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., bottleneck), unit length
+        return F.normalize(self.mlp(x), dim=-1)
+
+    def cls_logits(self, z: torch.Tensor) -> torch.Tensor:  # projected [CLS] tokens -> (..., K)
+        return self.last_layer(z)
+
+    def patch_logits(self, z: torch.Tensor) -> torch.Tensor:  # projected patch tokens -> (..., K_p)
+        return (self.last_layer if self.last_layer2 is None else self.last_layer2)(z)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1+N, D) -> ((B, K) [CLS] logits, (B, N, K_p) patch logits)."""
+        z = self.project(tokens)
+        return self.cls_logits(z[:, 0]), self.patch_logits(z[:, 1:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- loss: [CLS] self-distillation + masked image modeling against the online tokenizer ----
+
+
+class IBOTLoss(nn.Module):
+    """L = lambda1 * L_cls + lambda2 * L_mim, with centred, sharpened teacher targets (SPEC.md, "Loss").
+
+    Inputs are crop-major (all images of crop 0, then crop 1, ...; global crops first), patches row-major.
+    The loss runs in fp32, uses the centres as they were before the call, then updates them by EMA.
+    """
+
+    def __init__(self, out_dim: int, patch_out_dim: int, n_global_crops: int, n_local_crops: int,
+                 student_temp: float = 0.1, center_momentum: float = 0.9, patch_center_momentum: float = 0.9,
+                 lambda1: float = 1.0, lambda2: float = 1.0):
+        super().__init__()
+        if n_global_crops < 1 or n_global_crops + n_local_crops < 2:
+            raise ValueError(f"need >= 1 global crop and >= 2 crops in all, got g={n_global_crops}, l={n_local_crops}")
+        self.g, self.n_crops = n_global_crops, n_global_crops + n_local_crops
+        self.student_temp, self.lambda1, self.lambda2 = student_temp, lambda1, lambda2
+        self.center_momentum, self.patch_center_momentum = center_momentum, patch_center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))  # c
+        self.register_buffer("patch_center", torch.zeros(1, 1, patch_out_dim))  # c' (official: center2)
+
+    def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, masks, teacher_temp,
+                teacher_patch_temp) -> dict[str, torch.Tensor]:
+        """student_cls ((g+l)B, K), student_patch (gB, N, K_p), teacher_cls (gB, K), teacher_patch (gB, N, K_p),
+        masks (gB, N) bool -> {"cls", "patch", "loss"}."""
+        if student_patch.shape[:2] != masks.shape:
+            raise ValueError(f"student_patch {tuple(student_patch.shape)} and masks {tuple(masks.shape)} "
+                             f"disagree on (gB, N)")
+        return self.forward_masked(student_cls, student_patch[masks], teacher_cls, teacher_patch, masks,
+                                   teacher_temp, teacher_patch_temp)
+
+    def forward_masked(self, student_cls, student_patch_masked, teacher_cls, teacher_patch, masks,
+                       teacher_temp, teacher_patch_temp) -> dict[str, torch.Tensor]:
+        """As forward, with the student's patch logits at masked positions only: (M, K_p), M = masks.sum(),
+        in row-major order of masks. The loss never reads the others, so they need not be computed."""
+        g, V = self.g, self.n_crops
+        self._check(student_cls, student_patch_masked, teacher_cls, teacher_patch, masks)
+        B = teacher_cls.shape[0] // g
+        s_cls = F.log_softmax(student_cls.float() / self.student_temp, dim=-1).view(V, B, -1)  # log softmax(s_v/tau_s)
+        P = F.softmax((teacher_cls.float() - self.center) / teacher_temp, dim=-1).view(g, B, -1)  # P_u
+        # sum_u sum_{v != u} P_u . log s_v = (sum_u P_u) . (sum_v log s_v) - sum_u P_u . log s_u: one pass over
+        # the crops instead of g * V pairs (a faster but identical computation).
+        cross = (P.sum(0) * s_cls.sum(0)).sum(-1) - (P * s_cls[:g]).sum((0, -1))  # (B,)
+        loss_cls = -cross.mean() / (g * (V - 1)) * self.lambda1
+
+        s_patch = F.log_softmax(student_patch_masked.float() / self.student_temp, dim=-1)  # (M, K_p)
+        Q = F.softmax((teacher_patch[masks].float() - self.patch_center[0]) / teacher_patch_temp, dim=-1)  # Q_un
+        ce = -(Q * s_patch).sum(-1)  # (M,) cross-entropy at each masked patch
+        per_patch = torch.zeros(masks.shape, device=ce.device, dtype=ce.dtype).masked_scatter(masks, ce)
+        per_image = per_patch.sum(1) / masks.sum(1).clamp(min=1)  # (gB,) an image without masks adds 0
+        loss_patch = per_image.mean() * self.lambda2  # = 1/g sum_u mean_batch
+
+        self.update_center(teacher_cls, teacher_patch)
+        return {"cls": loss_cls, "patch": loss_patch, "loss": loss_cls + loss_patch}
+
+    def _check(self, student_cls, student_patch_masked, teacher_cls, teacher_patch, masks):
+        g, V = self.g, self.n_crops
+        gB = teacher_cls.shape[0]
+        if gB % g or student_cls.shape[0] != gB // g * V:
+            raise ValueError(f"crop counts do not match: expected student_cls with (g+l)*B = {V}*B rows and "
+                             f"teacher_cls with g*B = {g}*B rows, got {student_cls.shape[0]} and {gB}")
+        if teacher_patch.shape[0] != gB or masks.shape != teacher_patch.shape[:2] or masks.dtype != torch.bool:
+            raise ValueError(f"expected teacher_patch (gB, N, K_p) and bool masks (gB, N) with gB = {gB}, got "
+                             f"{tuple(teacher_patch.shape)} and {masks.dtype} {tuple(masks.shape)}")
+        if student_patch_masked.ndim != 2 or student_patch_masked.shape[-1] != teacher_patch.shape[-1]:
+            raise ValueError(f"expected masked student patch logits (M, {teacher_patch.shape[-1]}), "
+                             f"got {tuple(student_patch_masked.shape)}")
+
+    @torch.no_grad()
+    def update_center(self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor) -> None:
+        """c <- m c + (1-m) mean_rows t_u ;  c' <- m' c' + (1-m') mean_rows mean_n t_un  (all ranks, all patches)."""
+        cls_sum = teacher_cls.float().sum(0, keepdim=True)  # (1, K)
+        patch_sum = teacher_patch.float().mean(1).sum(0, keepdim=True)  # (1, K_p)
+        rows = teacher_cls.shape[0]
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(cls_sum)
+            dist.all_reduce(patch_sum)
+            rows *= dist.get_world_size()
+        self.center.mul_(self.center_momentum).add_(cls_sum / rows, alpha=1 - self.center_momentum)
+        self.patch_center.mul_(self.patch_center_momentum).add_(patch_sum[None] / rows,
+                                                                alpha=1 - self.patch_center_momentum)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- teacher update and schedules ----
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """theta_t <- m theta_t + (1 - m) theta_s over the parameters both have by name (the student's
+    masked_embed has no teacher twin). One multi-tensor call instead of a Python loop per tensor."""
+    s = dict(student.named_parameters())
+    pairs = [(p, s[n]) for n, p in teacher.named_parameters() if n in s]
+    t_params, s_params = [p for p, _ in pairs], [q.detach() for _, q in pairs]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
+
+
+def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> torch.Tensor:
+    """Linear warm-up from warmup_start to base, then cosine from base to final -> (total_steps,) float64.
+    Deviation from the official code (named): the warm-up is clipped to the run and the last value is exactly
+    `final` (the official cosine stops one step short of it)."""
+    if total_steps < 1:
+        raise ValueError(f"a schedule needs at least one step, got {total_steps}")
+    warmup_steps = min(warmup_steps, total_steps)
+    warm = torch.linspace(warmup_start, base, warmup_steps, dtype=torch.float64)
+    n = total_steps - warmup_steps
+    t = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
+    cos = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t))
+    if n == 1:
+        cos[:] = final
+    return torch.cat([warm, cos])
+
+
+def linear_warmup(start: float, end: float, warmup_steps: int, total_steps: int, hold_steps: int = 0) -> torch.Tensor:
+    """`start` for hold_steps, a linear ramp to `end` (reached at the ramp's last step), then `end`.
+    The teacher temperatures: tau_t 0.04 -> 0.07, tau_t' likewise, held until pred_start_epoch."""
+    hold = min(hold_steps, total_steps)
+    ramp = min(warmup_steps, total_steps - hold)
+    return torch.cat([torch.full((hold,), start, dtype=torch.float64),
+                      torch.linspace(start, end, ramp, dtype=torch.float64),
+                      torch.full((total_steps - hold - ramp,), end, dtype=torch.float64)])
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weight decay on every parameter except biases and 1-D ones (cls_token, pos_embed, masked_embed and
+    the weight-norm gain are decayed, as in the official code)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- multi-crop views (BYOL / DINO augmentations) and their masks ----
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def random_resized_crop_params(width: int, height: int, scale, ratio=(3 / 4, 4 / 3), generator=None):
+    """torchvision's RandomResizedCrop draw (10 tries, then a centre crop), with an explicit generator."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * _uniform(*scale, generator)
+        aspect = math.exp(_uniform(*log_ratio, generator))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return _randint(0, height - h, generator), _randint(0, width - w, generator), h, w
+    in_ratio = width / height
+    w, h = (width, round(width / ratio[0])) if in_ratio < ratio[0] else (
+        (round(height * ratio[1]), height) if in_ratio > ratio[1] else (width, height))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class MultiCropAugmentation:
+    """PIL image -> (g global + l local crops as normalised tensors, (g, h, w) bool masks of the global crops).
+
+    Every random draw comes from the generator passed in, so a (seed, epoch, index) generator redraws the
+    same views. Blur probabilities: 1.0 on the first global crop, 0.1 on the others, 0.5 on locals;
+    solarisation (p 0.2) on the global crops after the first only.
+    """
+
+    def __init__(self, global_size=224, local_size=96, n_global_crops=2, n_local_crops=10,
+                 global_scale=(0.14, 1.0), local_scale=(0.05, 0.4), blur=True, patch_size=16,
+                 mask_ratios=(0.0, 0.3), mask_ratio_vars=(0.0, 0.2), mask_shape="block", mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD):
+        if global_size % patch_size:
+            raise ValueError(f"global crop size {global_size} is not divisible by patch size {patch_size}")
+        self.global_size, self.local_size = global_size, local_size
+        self.n_global_crops, self.n_local_crops = n_global_crops, n_local_crops
+        self.global_scale, self.local_scale, self.blur = tuple(global_scale), tuple(local_scale), blur
+        self.grid = global_size // patch_size
+        self.mask_ratios, self.mask_ratio_vars, self.mask_shape = tuple(mask_ratios), tuple(mask_ratio_vars), mask_shape
+        self.mean, self.std = list(mean), list(std)
+
+    def view(self, img: Image.Image, size: int, scale, p_blur: float, p_solarize: float, g) -> torch.Tensor:
+        top, left, h, w = random_resized_crop_params(*img.size, scale, generator=g)
+        img = TF.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BICUBIC)
+        if _uniform(0, 1, g) < 0.5:
+            img = TF.hflip(img)
+        if _uniform(0, 1, g) < 0.8:  # colour jitter (0.4, 0.4, 0.2, 0.1) in random order
+            for op in torch.randperm(4, generator=g).tolist():
+                if op == 0:
+                    img = TF.adjust_brightness(img, _uniform(0.6, 1.4, g))
+                elif op == 1:
+                    img = TF.adjust_contrast(img, _uniform(0.6, 1.4, g))
+                elif op == 2:
+                    img = TF.adjust_saturation(img, _uniform(0.8, 1.2, g))
+                else:
+                    img = TF.adjust_hue(img, _uniform(-0.1, 0.1, g))
+        if _uniform(0, 1, g) < 0.2:
+            img = TF.rgb_to_grayscale(img, num_output_channels=3)
+        if self.blur and _uniform(0, 1, g) < p_blur:
+            img = img.filter(ImageFilter.GaussianBlur(radius=_uniform(0.1, 2.0, g)))
+        if _uniform(0, 1, g) < p_solarize:
+            img = TF.solarize(img, 128)
+        return TF.normalize(TF.to_tensor(img), self.mean, self.std)
+
+    def __call__(self, img: Image.Image, generator: torch.Generator | None = None,
+                 masking: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """masking=False (before pred_start_epoch) gives empty masks."""
+        img = img.convert("RGB")
+        g = generator
+        crops = [self.view(img, self.global_size, self.global_scale, 1.0 if i == 0 else 0.1, 0.0 if i == 0 else 0.2, g)
+                 for i in range(self.n_global_crops)]
+        crops += [self.view(img, self.local_size, self.local_scale, 0.5, 0.0, g) for _ in range(self.n_local_crops)]
+        if masking:
+            masks = sample_masks(self.n_global_crops, self.grid, self.grid, self.mask_ratios, self.mask_ratio_vars,
+                                 self.mask_shape, g)
+        else:
+            masks = torch.zeros(self.n_global_crops, self.grid, self.grid, dtype=torch.bool)
+        return crops, masks
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- the training-step module: student, teacher (the online tokenizer), loss ----
+
+
+class IBOT(nn.Module):
+    """student = {backbone, head}, teacher = the same without drop path or mask token, and the loss."""
+
+    def __init__(self, cfg: IBOTConfig):
+        super().__init__()
+        self.cfg = cfg
+        arch = PRESETS[cfg.arch]
+
+        def net(drop_path_rate, masked_embed):
+            backbone = VisionTransformer(cfg.img_size, cfg.patch_size, drop_path_rate=drop_path_rate,
+                                         masked_embed=masked_embed, **arch)
+            head = IBOTHead(arch["embed_dim"], cfg.out_dim, cfg.patch_out_dim, cfg.shared_head, cfg.norm_last_layer,
+                            cfg.head_hidden_dim, cfg.head_bottleneck_dim)
+            return nn.ModuleDict(dict(backbone=backbone, head=head))
+
+        self.student = net(cfg.drop_path_rate, masked_embed=True)
+        self.teacher = net(0.0, masked_embed=False)
+        ema_update(self.teacher, self.student, 0.0)  # the teacher starts as a copy of the student
+        self.teacher.requires_grad_(False)
+        self.loss = IBOTLoss(cfg.out_dim, cfg.patch_out_dim, cfg.n_global_crops, cfg.n_local_crops, cfg.student_temp,
+                             cfg.center_momentum, cfg.center_momentum, cfg.lambda1, cfg.lambda2)
+
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor,
+                teacher_temp: float, teacher_patch_temp: float) -> dict[str, torch.Tensor]:
+        """One training step's loss.
+        global_crops (g*B, C, H, W), local_crops (l*B, C, h, w) or None, masks (g*B, N) bool; crop-major."""
+        if masks.ndim == 3:  # (gB, h, w) -> (gB, N), row-major
+            masks = masks.flatten(1)
+        with torch.no_grad():  # the online tokenizer: all tokens, since c' averages over every patch
+            teacher_cls, teacher_patch = self.teacher.head(self.teacher.backbone(global_crops))
+        tokens = self.student.backbone(global_crops, mask=masks)  # (gB, 1+N, D)
+        cls_tokens = [tokens[:, 0]]
+        if local_crops is not None and local_crops.numel():
+            cls_tokens.append(self.student.backbone(local_crops)[:, 0])  # local crops: only [CLS] is read
+        cls_tokens = torch.cat(cls_tokens)  # ((g+l)B, D)
+        # The head runs only where the loss reads it: every [CLS] and the masked student patches (named
+        # deviation: the official code projects every token). One pass through the MLP for both.
+        masked_tokens = tokens[:, 1:][masks]  # (M, D)
+        z = self.student.head.project(torch.cat([cls_tokens, masked_tokens]))
+        student_cls = self.student.head.cls_logits(z[:len(cls_tokens)])
+        student_patch = self.student.head.patch_logits(z[len(cls_tokens):])
+        return self.loss.forward_masked(student_cls, student_patch, teacher_cls, teacher_patch, masks,
+                                        teacher_temp, teacher_patch_temp)
+
+    def update_teacher(self, momentum: float) -> None:
+        ema_update(self.teacher, self.student, momentum)
+
+    def checkpoint(self) -> dict:
+        """The official layout (student / teacher with backbone. and head. prefixes, ibot_loss centres) plus
+        our plain-dict config, so official tools read our files and ours read theirs."""
+        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                "ibot_loss": {"center": self.loss.center, "center2": self.loss.patch_center},
+                "config": {**asdict(self.cfg), **PRESETS[self.cfg.arch]}}
+
+    def load_checkpoint(self, ckpt: dict) -> None:
+        self.student.load_state_dict(ckpt["student"])
+        self.teacher.load_state_dict(ckpt["teacher"])
+        self.loss.center.copy_(ckpt["ibot_loss"]["center"])
+        self.loss.patch_center.copy_(ckpt["ibot_loss"]["center2"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- loading a backbone from ours, official iBOT / DINO, or timm checkpoints ----
+
+
+def load_backbone(path_or_state_dict, which: str = "teacher", num_heads: int | None = None) -> VisionTransformer:
+    """A VisionTransformer from: our checkpoints; official iBOT / DINO ones (full, with module. / backbone.
+    prefixes and an argparse Namespace, or backbone-only exports); timm ViT state dicts (head.* ignored)."""
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    ckpt = path_or_state_dict
+    if isinstance(ckpt, (str, Path)):
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+        torch.serialization.add_safe_globals([argparse.Namespace])  # official files pickle their args
+        ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"expected a checkpoint dict, got {type(ckpt).__name__}")
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    state = ckpt.get(which, ckpt.get("state_dict", ckpt.get("model", ckpt)))
+    if not isinstance(state, dict):
+        raise ValueError(f"no state dict under {which!r}; the checkpoint has keys {sorted(ckpt)[:20]}")
+    backbone = {}
+    for k, v in state.items():
+        k = k.removeprefix("module.").removeprefix("backbone.")
+        if torch.is_tensor(v) and not k.startswith("head."):
+            backbone[k] = v
+    if "cls_token" not in backbone or "patch_embed.proj.weight" not in backbone:
+        raise ValueError(f"no ViT backbone found (no cls_token / patch_embed.proj.weight); keys include "
+                         f"{sorted(state)[:20]}")
+    dim, _, patch, _ = backbone["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in backbone if k.startswith("blocks."))
+    grid = int(math.sqrt(backbone["pos_embed"].shape[1] - 1))
+    heads = config.get("num_heads") or num_heads or dim // 64
+    model = VisionTransformer(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                              mlp_ratio=backbone["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+                              masked_embed="masked_embed" in backbone,
+                              in_chans=backbone["patch_embed.proj.weight"].shape[1])
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit a ViT (dim {dim}, depth {depth}, patch {patch}): "
+                         f"missing keys {missing}, unexpected keys {unexpected}")
+    return model
