@@ -671,3 +671,45 @@ def load_backbone(path_or_state_dict, which: str = "teacher", num_heads: int | N
         raise ValueError(f"checkpoint does not fit a ViT (dim {dim}, depth {depth}, patch {patch}): "
                          f"missing keys {missing}, unexpected keys {unexpected}")
     return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- evaluation: weighted kNN on L2-normalised [CLS] features (the DINO / iBOT protocol) ----
+
+
+@torch.no_grad()
+def extract_features(backbone: VisionTransformer, batches, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Iterable of (images (B, C, H, W), labels (B,)) -> (features (N, D) L2-normalised final [CLS], labels (N,))."""
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    for x, y in batches:
+        feats.append(F.normalize(backbone(x.to(device, non_blocking=True))[:, 0].float(), dim=-1))
+        labels.append(torch.as_tensor(y).to(device))
+    backbone.train(was_training)
+    if not feats:
+        raise ValueError("no images to extract features from")
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, ks=(10, 20, 100, 200), temperature: float = 0.07,
+                 num_classes: int | None = None, chunk: int = 1024) -> dict[int, float]:
+    """Top-1 accuracy (%) of a kNN vote for each k: the k most cosine-similar training features vote for
+    their label with weight exp(sim / T). k is capped at the bank size. Features must be L2-normalised."""
+    n_train = train_features.shape[0]
+    if n_train == 0 or test_features.shape[0] == 0:
+        raise ValueError(f"kNN needs training and test features, got {n_train} and {test_features.shape[0]}")
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    ks = sorted({min(k, n_train) for k in ks})
+    correct = dict.fromkeys(ks, 0)
+    for i in range(0, test_features.shape[0], chunk):
+        sim, idx = (test_features[i:i + chunk] @ train_features.T).topk(ks[-1], dim=1)  # (b, k_max)
+        votes_from = train_labels[idx]  # (b, k_max)
+        weight = (sim / temperature).exp()
+        for k in ks:
+            votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+            votes.scatter_add_(1, votes_from[:, :k], weight[:, :k])
+            correct[k] += (votes.argmax(1) == test_labels[i:i + chunk]).sum().item()
+    return {k: 100.0 * c / test_features.shape[0] for k, c in correct.items()}
