@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import signal
 import statistics
 import sys
 import time
@@ -63,7 +62,7 @@ PRESETS = {
                              freeze_last_layer=1, clip_grad=3.0, knn_every=0),
 }
 PRESETS["cifar100"] = {**PRESETS["cifar10"], "dataset": "cifar100", "data_path": "data/"}
-DEFAULTS = dict(preset="cifar10", patch_out_dim=None, shared_head=True, mask_ratios=(0.0, 0.3),
+DEFAULTS = dict(preset="cifar10", patch_out_dim=None, head_hidden_dim=2048, shared_head=True, mask_ratios=(0.0, 0.3),
                 mask_ratio_vars=(0.0, 0.2), mask_shape="block", pred_start_epoch=0, lambda1=1.0, lambda2=1.0,
                 limit_per_class=None, download=False, output_dir="runs/ibot", seed=0, workers=None, device=None,
                 precision=None, compile=False, budget=None, benchmark=0, knn_every=0, ckpt_every=1, resume=True,
@@ -83,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit-per-class", type=int, default=S, help="train on the first N images of each class")
     p.add_argument("--arch", default=S, choices=sorted(M.PRESETS))
     for name, typ in [("patch-size", int), ("global-size", int), ("local-size", int), ("local-crops", int),
-                      ("out-dim", int), ("patch-out-dim", int), ("batch-size", int), ("epochs", int),
+                      ("out-dim", int), ("patch-out-dim", int), ("head-hidden-dim", int), ("batch-size", int), ("epochs", int),
                       ("lr", float), ("min-lr", float), ("warmup-epochs", float), ("weight-decay", float),
                       ("weight-decay-end", float), ("momentum-teacher", float), ("teacher-temp", float),
                       ("warmup-teacher-temp", float), ("warmup-teacher-temp-epochs", float), ("drop-path", float),
@@ -356,7 +355,7 @@ def set_rng_state(state: dict) -> None:
 
 
 # config keys a resumed run must agree on: anything that changes the networks, the data or the schedules
-RESUME_KEYS = ["arch", "patch_size", "global_size", "local_size", "local_crops", "out_dim", "patch_out_dim",
+RESUME_KEYS = ["arch", "patch_size", "global_size", "local_size", "local_crops", "out_dim", "patch_out_dim", "head_hidden_dim",
                "shared_head", "norm_last_layer", "dataset", "batch_size", "epochs", "lr", "budget", "max_steps", "seed"]
 
 
@@ -367,7 +366,8 @@ RESUME_KEYS = ["arch", "patch_size", "global_size", "local_size", "local_crops",
 def build_model(args) -> M.IBOT:
     cfg = M.IBOTConfig(arch=args.arch, patch_size=args.patch_size, img_size=args.global_size,
                        drop_path_rate=args.drop_path, out_dim=args.out_dim, patch_out_dim=args.patch_out_dim,
-                       shared_head=args.shared_head, norm_last_layer=args.norm_last_layer, n_global_crops=2,
+                       shared_head=args.shared_head, norm_last_layer=args.norm_last_layer, head_hidden_dim=args.head_hidden_dim,
+                       n_global_crops=2,
                        n_local_crops=args.local_crops, lambda1=args.lambda1, lambda2=args.lambda2)
     return M.IBOT(cfg)
 
@@ -394,37 +394,51 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffle drawn from (seed, epoch), split over ranks, that can start at any batch of the epoch, so a
+    run interrupted mid-epoch resumes with exactly the batches it had left."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int):
+        self.per_rank = n // (batch_size * world) * batch_size  # whole batches only, the same on every rank
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        mine = perm[:self.per_rank * self.world][self.rank::self.world]
+        return iter(mine[self.start_batch * self.batch_size:].tolist())
+
+    def __len__(self):
+        return self.per_rank - self.start_batch * self.batch_size
+
+
 def train(args) -> dict:
-    """Run (or resume) one training run; returns a summary dict. Raises ValueError on bad input."""
+    """Run (or resume) one training run; returns a summary. Raises ValueError on bad input and NonFiniteLoss."""
     args.device = pick_device(args.device)
     args.precision = pick_precision(args.precision, args.device)
     rank, world, local_rank = setup_distributed(args)
     device = f"cuda:{local_rank}" if args.device == "cuda" else args.device
-    torch.manual_seed(args.seed + rank)
-    out_dir = Path(args.output_dir)
-    if rank == 0 and not args.benchmark:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed + rank)  # drop path differs per rank; data draws are seeded per sample
+    out_dir, benchmark = Path(args.output_dir), bool(args.benchmark)
 
     # data
-    if args.benchmark:
-        args.dataset = args.dataset if args.dataset == "synthetic" else args.dataset
     images = build_dataset(args.dataset, args.data_path, "train", args.holdout_per_class, args.limit_per_class,
                            args.download, synthetic_size=args.global_size)
     global_batch = args.batch_size * world
     if len(images) < global_batch:
         raise ValueError(f"the dataset has {len(images)} images, fewer than one global batch ({global_batch})")
     dataset = MultiCropDataset(images, build_augmentation(args), args.seed, args.pred_start_epoch)
-    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed,
-                                                  drop_last=True) if world > 1 else None
+    sampler = EpochSampler(len(dataset), args.batch_size, rank, world, args.seed)
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
-    generator = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=sampler is None, sampler=sampler,
-                                         num_workers=workers, collate_fn=collate_crops, drop_last=True,
-                                         pin_memory=args.device == "cuda", generator=generator,
+    loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=workers,
+                                         collate_fn=collate_crops, drop_last=True, pin_memory=args.device == "cuda",
                                          prefetch_factor=4 if workers else None)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(sampler) // args.batch_size
 
-    # model, optimiser
+    # model and optimiser
     model = build_model(args).to(device)
     params = [p for p in model.student.parameters() if p.requires_grad]
     last_layer = [p for n, p in model.student.named_parameters() if "last_layer" in n and p.requires_grad]
@@ -438,140 +452,132 @@ def train(args) -> dict:
     total = args.epochs * steps_per_epoch
     if args.max_steps:
         total = min(total, args.max_steps)
-    if args.benchmark:
-        total = args.benchmark + 3
+    if benchmark:
+        total = args.benchmark + 3  # 3 warm-up steps, then the timed ones
     schedules = Schedules(args, total, steps_per_epoch, global_batch)
-    start_epoch, step, log_rows = 0, 0, []
+    step = 0
 
-    # resume
+    # resume: automatic when the output folder holds a checkpoint
     ckpt_path = out_dir / "checkpoint.pth"
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-    if args.resume and not args.benchmark and ckpt_path.exists():
+    if args.resume and not benchmark and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        old = ckpt.get("train_config", {})
-        diff = {k: (old.get(k), config.get(k)) for k in RESUME_KEYS if old.get(k) != config.get(k)}
+        saved = ckpt.get("train_config", {})
+        diff = {k: (saved.get(k), config.get(k)) for k in RESUME_KEYS if saved.get(k) != config.get(k)}
         if diff:
             raise ValueError(f"cannot resume {ckpt_path}: its config differs in {diff} (saved, now); "
                              f"use another --output-dir or --no-resume")
         model.load_checkpoint(ckpt)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        if ckpt.get("total"):
-            schedules = Schedules(args, ckpt["total"], steps_per_epoch, global_batch)
+        step = ckpt["step"]
+        schedules = Schedules(args, ckpt["total"], steps_per_epoch, global_batch)
         set_rng_state(ckpt["rng"])
-        print0(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
+        print0(f"resumed from {ckpt_path} at step {step} of {schedules.total}")
 
-    def save(epoch):
-        if rank == 0 and not args.benchmark:
+    def save():
+        if rank == 0 and not benchmark:
+            out_dir.mkdir(parents=True, exist_ok=True)
             ckpt = model.checkpoint()
-            ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
-                        total=schedules.total, train_config=config, rng=rng_state())
+            ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=step // steps_per_epoch,
+                        step=step, total=schedules.total, train_config=config, rng=rng_state())
             save_atomic(ckpt, ckpt_path)
 
-    interrupted = []
-    if threading_main():
-        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    def log(row):
+        print0(json.dumps(row))
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with open(out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     print0(f"iBOT {args.arch}/{args.patch_size} on {args.dataset} ({len(images)} images), {world} x {args.device}, "
-           f"{args.precision}, batch {global_batch}, {total} steps")
-    t_start, step_times, budget_fixed = time.perf_counter(), [], False
-    epoch = start_epoch
-    summary = {}
+           f"{args.precision}, batch {global_batch}, {schedules.total} steps")
+    t_start, step_times, sized_by_budget, interrupted = time.perf_counter(), [], False, False
+    last_row = None
     try:
-        while step < schedules.total and not interrupted:
+        while step < schedules.total:
+            epoch, start_batch = divmod(step, steps_per_epoch)
             dataset.epoch = epoch
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            generator.manual_seed(args.seed * 1000 + epoch)  # the shuffle is a function of (seed, epoch) too
+            sampler.set_epoch(epoch, start_batch)
             t_epoch, sums, n = time.perf_counter(), {}, 0
-            for i, batch in enumerate(loader):
-                if step >= schedules.total or interrupted:
-                    break
+            for batch in loader:
                 t0 = time.perf_counter()
                 s = schedules.at(step)
-                out = train_step(step_model, model, optimizer, scaler, autocast, params, last_layer, batch,
-                                 s, device, args, world, step < schedules.freeze_last_layer_steps)
-                loss = out["loss"].item() if (step % 10 == 0 or args.benchmark) else None
-                if loss is not None and not math.isfinite(loss):
-                    raise NonFiniteLoss(f"non-finite loss {loss} at step {step} (epoch {epoch}); the last good "
-                                        f"checkpoint {ckpt_path} is untouched")
+                out = train_step(step_model, model, optimizer, scaler, autocast, params, last_layer, batch, s,
+                                 device, args.clip_grad, world, step < schedules.freeze_last_layer_steps)
                 step += 1
-                if args.benchmark:
-                    if device.startswith("cuda"):
-                        torch.cuda.synchronize()
+                if benchmark:
+                    float(out["loss"])  # waits for the device
                     step_times.append(time.perf_counter() - t0)
+                    if step >= schedules.total:
+                        break
                     continue
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach()
+                sums = {k: sums.get(k, 0.0) + v.detach() for k, v in out.items()}
                 n += 1
                 elapsed = time.perf_counter() - t_start
-                if args.budget_s and not budget_fixed and step >= min(20, max(5, total // 10)):
-                    # size every schedule so the run ends with the budget (measured throughput, warm-up included)
-                    rate = step / elapsed
-                    new_total = max(step + 1, int(args.budget_s * rate))
+                if args.budget_s and not sized_by_budget and step >= 10:
+                    # size every schedule to end with the budget, from the throughput measured so far
+                    # (start-up and compilation included, which makes the estimate a little cautious)
+                    sized_by_budget = True
+                    new_total = max(step + 1, int(args.budget_s * step / elapsed))
                     schedules = Schedules(args, new_total, steps_per_epoch, global_batch)
-                    budget_fixed = True
-                    print0(f"budget {args.budget_s:.0f}s at {rate:.2f} steps/s: {new_total} steps "
+                    print0(f"budget {args.budget_s:.0f}s at {step / elapsed:.2f} steps/s: {new_total} steps "
                            f"({new_total / steps_per_epoch:.1f} epochs)")
-                if args.budget_s and elapsed > args.budget_s:
+                if args.budget_s and elapsed >= args.budget_s:
                     schedules.total = step  # out of time: stop here
-                if rank == 0 and (step % 10 == 0 or step == schedules.total) and sys.stdout.isatty() or step % 50 == 0:
+                if step % 10 == 0 or step >= schedules.total:
+                    loss = float(out["loss"])
+                    if not math.isfinite(loss):
+                        raise NonFiniteLoss(f"non-finite loss {loss} at step {step - 1}; the last good checkpoint "
+                                            f"{ckpt_path} is left as it was")
                     rate = n * global_batch / (time.perf_counter() - t_epoch)
-                    eta = (schedules.total - step) * (elapsed / max(step - (start_epoch * steps_per_epoch), 1))
-                    print0(f"\repoch {epoch} step {step}/{schedules.total} loss {float(out['loss']):.3f} "
-                           f"(cls {float(out['cls']):.3f} patch {float(out['patch']):.3f}) lr {s['lr']:.2e} "
-                           f"{rate:.0f} img/s ETA {eta / 60:.1f} min", end="" if sys.stdout.isatty() else "\n")
-            if args.benchmark:
+                    eta = (schedules.total - step) * elapsed / max(step, 1)
+                    print0(f"epoch {epoch} step {step}/{schedules.total} loss {loss:.3f} (cls {float(out['cls']):.3f}"
+                           f" patch {float(out['patch']):.3f}) lr {s['lr']:.2e} {rate:.0f} img/s "
+                           f"ETA {eta / 60:.1f} min")
+                if step >= schedules.total:
+                    break
+            if benchmark:
                 break
-            if n:  # epoch (or its last part) done
-                means = {k: float(v) / n for k, v in sums.items()}
-                if not all(math.isfinite(v) for v in means.values()):
-                    raise NonFiniteLoss(f"non-finite loss in epoch {epoch} (before step {step}); the last good "
-                                        f"checkpoint {ckpt_path} is untouched")
-                epoch += 1 if step % steps_per_epoch == 0 or step >= schedules.total else 0
-                row = dict(epoch=epoch, step=step, **means, lr=s["lr"], momentum=s["momentum"],
-                           teacher_temp=s["teacher_temp"], img_per_s=n * global_batch / (time.perf_counter() - t_epoch),
-                           elapsed_s=time.perf_counter() - t_start)
-                if args.knn_every and (epoch % args.knn_every == 0 or step >= schedules.total) and args.holdout_per_class:
-                    row["knn_top1"] = knn_monitor(model, args, device)
-                print0(("\n" if sys.stdout.isatty() else "") + json.dumps(row))
-                if rank == 0:
-                    with open(out_dir / "log.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                log_rows.append(row)
-                if epoch % args.ckpt_every == 0 or step >= schedules.total:
-                    save(epoch)
+            means = {k: float(v) / n for k, v in sums.items()}
+            if not all(math.isfinite(v) for v in means.values()):
+                raise NonFiniteLoss(f"non-finite loss in epoch {epoch} (steps up to {step}); the last good "
+                                    f"checkpoint {ckpt_path} is left as it was")
+            last_row = dict(epoch=epoch + 1, step=step, **means, **s, img_per_s=n * global_batch /
+                            (time.perf_counter() - t_epoch), elapsed_s=time.perf_counter() - t_start)
+            done = step >= schedules.total
+            if args.knn_every and args.holdout_per_class and ((epoch + 1) % args.knn_every == 0 or done):
+                last_row["knn_top1"] = knn_monitor(model, args, device)
+            log(last_row)
+            if (epoch + 1) % args.ckpt_every == 0 or done:
+                save()
     except KeyboardInterrupt:
-        interrupted.append(True)
+        interrupted = True
+        save()
+        print0(f"interrupted: saved {ckpt_path} at step {step}; run the same command again to resume")
     finally:
-        if threading_main():
-            signal.signal(signal.SIGINT, previous)
-    if args.benchmark:
-        times = step_times[3:] or step_times
-        step_s = statistics.median(times)
-        summary = dict(img_per_s=global_batch / step_s, step_s=step_s, device=str(torch.cuda.get_device_name(device))
-                       if device.startswith("cuda") else "cpu", precision=args.precision, arch=args.arch,
-                       batch_size=global_batch, torch=torch.__version__, steps=len(times))
-        if device.startswith("cuda"):
-            summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        print0(json.dumps(summary))
-        return summary
-    if interrupted:
-        save(epoch)
-        print0(f"\ninterrupted: saved {ckpt_path} at step {step}; run again to resume")
-    summary = dict(steps=step, train_s=time.perf_counter() - t_start, last=log_rows[-1] if log_rows else None)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if benchmark:
+        return benchmark_summary(args, step_times, global_batch, device)
+    return dict(steps=step, total=schedules.total, train_s=time.perf_counter() - t_start, interrupted=interrupted,
+                last=last_row)
+
+
+def benchmark_summary(args, step_times, global_batch, device) -> dict:
+    times = step_times[3:]
+    step_s = statistics.median(times)
+    summary = dict(img_per_s=global_batch / step_s, step_s=step_s, device="cpu", precision=args.precision,
+                   arch=args.arch, batch_size=global_batch, steps=len(times), torch=torch.__version__)
+    if device.startswith("cuda"):
+        summary.update(device=torch.cuda.get_device_name(device),
+                       peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30)
+    print0(json.dumps(summary))
     return summary
 
 
-def threading_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
-def train_step(step_model, model, optimizer, scaler, autocast, params, last_layer, batch, s, device, args, world,
-               freeze_last_layer: bool) -> dict:
+def train_step(step_model, model, optimizer, scaler, autocast, params, last_layer, batch, s, device, clip_grad,
+               world, freeze_last_layer: bool) -> dict:
     global_crops, local_crops, masks = (None if t is None else t.to(device, non_blocking=True) for t in batch)
     for group in optimizer.param_groups:
         group["lr"] = s["lr"]
@@ -582,14 +588,14 @@ def train_step(step_model, model, optimizer, scaler, autocast, params, last_laye
     scaler.scale(out["loss"]).backward()
     all_reduce_gradients(params, world)
     scaler.unscale_(optimizer)
-    clip_gradients(params, args.clip_grad)
+    clip_gradients(params, clip_grad)
     if freeze_last_layer:
         for p in last_layer:
             p.grad = None  # the first epoch: no update, and no decay either, of the prototypes
     scaler.step(optimizer)
     scaler.update()
     model.update_teacher(s["momentum"])
-    return out
+    return {k: v.detach() for k, v in out.items()}
 
 
 @torch.no_grad()
