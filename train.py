@@ -42,10 +42,11 @@ import ibot_min as M
 # ---------------------------------------------------------------------------------------------------
 # ---- presets: each a full recipe; single flags override ----
 
+SHARED_CIFAR10 = Path(__file__).resolve().parent.parent / "shared" / "data" / "cifar10" / "train"
 PRESETS = {
     # A short CIFAR-10 run that learns in minutes (issue 7). Warm-ups keep their fraction of the run
     # under --budget.
-    "cifar10": dict(dataset="imagefolder", data_path="../shared/data/cifar10/train", holdout_per_class=500,
+    "cifar10": dict(dataset="imagefolder", data_path=str(SHARED_CIFAR10), holdout_per_class=500,
                     arch="vit_tiny", patch_size=4, global_size=32, local_size=16, local_crops=6,
                     global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), blur=False, out_dim=4096,
                     batch_size=256, epochs=100, lr=1e-3, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04,
@@ -421,7 +422,7 @@ def train(args) -> dict:
     args.precision = pick_precision(args.precision, args.device)
     rank, world, local_rank = setup_distributed(args)
     device = f"cuda:{local_rank}" if args.device == "cuda" else args.device
-    torch.manual_seed(args.seed + rank)  # drop path differs per rank; data draws are seeded per sample
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     out_dir, benchmark = Path(args.output_dir), bool(args.benchmark)
 
     # data
@@ -435,11 +436,13 @@ def train(args) -> dict:
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=workers,
                                          collate_fn=collate_crops, drop_last=True, pin_memory=args.device == "cuda",
-                                         prefetch_factor=4 if workers else None)
+                                         prefetch_factor=4 if workers else None,
+                                         generator=torch.Generator().manual_seed(args.seed))  # spares the global RNG
     steps_per_epoch = len(sampler) // args.batch_size
 
     # model and optimiser
     model = build_model(args).to(device)
+    torch.manual_seed(args.seed + 1 + rank)  # drop path differs per rank; data draws are seeded per sample
     params = [p for p in model.student.parameters() if p.requires_grad]
     last_layer = [p for n, p in model.student.named_parameters() if "last_layer" in n and p.requires_grad]
     optimizer = torch.optim.AdamW(M.param_groups(model.student), lr=0.0,
@@ -492,7 +495,8 @@ def train(args) -> dict:
 
     print0(f"iBOT {args.arch}/{args.patch_size} on {args.dataset} ({len(images)} images), {world} x {args.device}, "
            f"{args.precision}, batch {global_batch}, {schedules.total} steps")
-    t_start, step_times, sized_by_budget, interrupted = time.perf_counter(), [], False, False
+    t_start, step_times, interrupted = time.perf_counter(), [], False
+    t_sized = t_start
     last_row = None
     try:
         while step < schedules.total:
@@ -515,14 +519,19 @@ def train(args) -> dict:
                 sums = {k: sums.get(k, 0.0) + v.detach() for k, v in out.items()}
                 n += 1
                 elapsed = time.perf_counter() - t_start
-                if args.budget_s and not sized_by_budget and step >= 10:
-                    # size every schedule to end with the budget, from the throughput measured so far
-                    # (start-up and compilation included, which makes the estimate a little cautious)
-                    sized_by_budget = True
-                    new_total = max(step + 1, int(args.budget_s * step / elapsed))
-                    schedules = Schedules(args, new_total, steps_per_epoch, global_batch)
-                    print0(f"budget {args.budget_s:.0f}s at {step / elapsed:.2f} steps/s: {new_total} steps "
-                           f"({new_total / steps_per_epoch:.1f} epochs)")
+                if args.budget_s and (step == 3 or step % 10 == 0 and step > 3):
+                    # size every schedule to end with the budget: first from the start-up steps, then every 10
+                    # steps from the throughput since step 3 (past compilation and warm-up)
+                    if step == 3:
+                        t_sized, rate = time.perf_counter(), step / elapsed
+                    else:
+                        rate = (step - 3) / (time.perf_counter() - t_sized)
+                    new_total = max(step + 1, step + int((args.budget_s - elapsed) * rate))
+                    if new_total != schedules.total:
+                        schedules = Schedules(args, new_total, steps_per_epoch, global_batch)
+                    if step == 3:
+                        print0(f"budget {args.budget_s:.0f}s at {rate:.2f} steps/s: about {new_total} steps "
+                               f"({new_total / steps_per_epoch:.1f} epochs)")
                 if args.budget_s and elapsed >= args.budget_s:
                     schedules.total = step  # out of time: stop here
                 if step % 10 == 0 or step >= schedules.total:
@@ -557,11 +566,26 @@ def train(args) -> dict:
         print0(f"interrupted: saved {ckpt_path} at step {step}; run the same command again to resume")
     finally:
         if dist.is_initialized():
+            check_ranks_agree(model)
             dist.destroy_process_group()
     if benchmark:
         return benchmark_summary(args, step_times, global_batch, device)
     return dict(steps=step, total=schedules.total, train_s=time.perf_counter() - t_start, interrupted=interrupted,
                 last=last_row)
+
+
+@torch.no_grad()
+def check_ranks_agree(model: M.IBOT) -> None:
+    """Every rank must end with the same teacher and centres; a silent divergence would poison the run."""
+    state = [p.double().sum() for p in model.teacher.parameters()] + [model.loss.center.double().sum(),
+                                                                       model.loss.patch_center.double().sum()]
+    mine = torch.stack(state).to(model.loss.center.device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    gap = max(float((g - mine).abs().max()) for g in gathered)
+    if gap > 0:
+        raise RuntimeError(f"ranks disagree on the teacher or the centres (max difference {gap})")
+    print0(f"{len(gathered)} ranks agree on the teacher weights and loss centres")
 
 
 def benchmark_summary(args, step_times, global_batch, device) -> dict:

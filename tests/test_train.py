@@ -1,0 +1,200 @@
+"""End-to-end runs of train.py on tiny data: real CIFAR PNGs, exact resume, failure handling, bad input, torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# a CPU-sized model: vit_nano, 16 px crops, a narrow head (the default 2048-wide head dominates nano's time)
+TINY = ["--arch", "vit_nano", "--global-size", "16", "--local-size", "8", "--local-crops", "2", "--out-dim", "64",
+        "--head-hidden-dim", "64", "--workers", "0", "--device", "cpu", "--holdout-per-class", "0"]
+
+
+def make_folder(root: Path, classes=2, per_class=16, size=16) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i:04d}.png")
+    return root
+
+
+def run(argv) -> dict:
+    return train.train(train.parse_args(argv))
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return make_folder(tmp_path / "images")
+
+
+def test_end_to_end_on_real_cifar(cifar_train, tmp_path):
+    out = tmp_path / "run"
+    summary = run(TINY + ["--global-size", "32", "--local-size", "16", "--data-path", str(cifar_train),
+                          "--limit-per-class", "20", "--holdout-per-class", "10", "--batch-size", "50", "--epochs", "2",
+                          "--knn-every", "1", "--output-dir", str(out)])
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and summary["steps"] == 8
+    assert all(np.isfinite([r["loss"], r["cls"], r["patch"]]).all() for r in rows)
+    assert all(0 <= r["knn_top1"] <= 100 for r in rows)
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["step"] == 8 and ckpt["epoch"] == 2 and ckpt["config"]["arch"] == "vit_nano"
+    assert {"student", "teacher", "ibot_loss", "optimizer", "rng"} <= set(ckpt)
+
+
+def test_exact_resume_across_epochs_and_mid_epoch(folder, tmp_path, monkeypatch):
+    common = TINY + ["--data-path", str(folder), "--batch-size", "8", "--epochs", "2", "--seed", "3"]
+    run(common + ["--output-dir", str(tmp_path / "straight")])  # 2 epochs of 4 steps
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
+
+    # the same run stopped by Ctrl-C after 3 steps (mid-epoch 0), then resumed by running it again
+    real_step, calls = train.train_step, []
+
+    def interrupted_step(*a, **kw):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(train, "train_step", interrupted_step)
+    first = run(common + ["--output-dir", str(tmp_path / "resumed")])
+    assert first["interrupted"] and first["steps"] == 3
+    monkeypatch.setattr(train, "train_step", real_step)
+    run(common + ["--output-dir", str(tmp_path / "resumed")])
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
+    assert resumed["step"] == straight["step"] == 8
+    for part in ("student", "teacher"):
+        for k, v in straight[part].items():
+            assert torch.equal(v, resumed[part][k]), f"{part}.{k} differs after resume"
+    assert torch.equal(straight["ibot_loss"]["center"], resumed["ibot_loss"]["center"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, monkeypatch):
+    real_step, calls = train.train_step, []
+
+    def nan_from_step_5(*a, **kw):
+        out = real_step(*a, **kw)
+        calls.append(1)
+        return {k: v * float("nan") for k, v in out.items()} if len(calls) >= 5 else out
+
+    monkeypatch.setattr(train, "train_step", nan_from_step_5)
+    out = tmp_path / "run"
+    code = train.main(TINY + ["--data-path", str(folder), "--batch-size", "8", "--epochs", "3", "--output-dir", str(out)])
+    assert code == 1
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)  # written after epoch 1 (step 4), loadable
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["student"].values())
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    train.save_atomic({"step": 1, "w": torch.ones(3)}, path)
+
+    def crash_midway(obj, f):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(OSError):
+        train.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-path", "/nonexistent/folder"], "is not a folder"),
+    (["--dataset", "mnist"], "unknown dataset"),
+    (["--batch-size", "64"], "fewer than one global batch"),
+    (["--budget", "soon"], "budget must look like"),
+])
+def test_bad_input_gives_one_line_error(folder, tmp_path, capsys, argv, message):
+    base = TINY + ["--data-path", str(folder), "--output-dir", str(tmp_path / "run")]
+    assert train.main(base + argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_empty_folder_and_unreadable_image_are_named(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert train.main(TINY + ["--data-path", str(tmp_path / "empty")]) == 1
+    assert "no images found" in capsys.readouterr().err
+    folder = make_folder(tmp_path / "images", per_class=8)
+    (folder / "class0" / "0003.png").write_bytes(b"not a png")
+    assert train.main(TINY + ["--data-path", str(folder), "--batch-size", "4", "--epochs", "1",
+                              "--output-dir", str(tmp_path / "run")]) == 1
+    assert "0003.png" in capsys.readouterr().err
+
+
+def test_unknown_preset_exits_non_zero(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--preset", "imagenet-vit-h"])
+    assert e.value.code != 0 and "unknown preset" in capsys.readouterr().err
+
+
+def test_resume_with_incompatible_config_is_refused(folder, tmp_path, capsys):
+    argv = TINY + ["--data-path", str(folder), "--batch-size", "8", "--epochs", "1", "--output-dir", str(tmp_path)]
+    assert train.main(argv) == 0
+    assert train.main(argv + ["--out-dim", "32"]) == 1
+    assert "cannot resume" in capsys.readouterr().err
+
+
+def test_cifar10_download_path_reads_a_local_copy(tmp_path, monkeypatch):
+    # torchvision's CIFAR10 layout (cifar-10-batches-py) made here; its integrity check is what a real
+    # download would satisfy, so it is bypassed for this hand-made copy
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    import pickle
+    rng = np.random.default_rng(0)
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
+    monkeypatch.setattr(train.torchvision.datasets.cifar, "check_integrity", lambda *a, **kw: True)
+    ds = train.build_dataset("cifar10", str(tmp_path), "train", download=True)
+    assert len(ds) == 20 and ds[0][0].size == (32, 32)
+    assert len(train.build_dataset("cifar10", str(tmp_path), "val")) == 4
+    monkeypatch.setattr(train.torchvision.datasets.cifar, "check_integrity", lambda *a, **kw: False)
+    with pytest.raises(ValueError, match="--download"):
+        train.build_dataset("cifar10", str(tmp_path), "train")
+
+
+def test_budget_stops_on_time_with_schedules_at_their_end(folder, tmp_path):
+    out = tmp_path / "run"
+    summary = run(TINY + ["--data-path", str(folder), "--batch-size", "8", "--epochs", "1000", "--budget", "6s",
+                          "--output-dir", str(out)])
+    assert summary["train_s"] < 6 + 3  # one step past the budget at most, plus its epoch's bookkeeping
+    assert summary["steps"] == summary["total"] >= 5
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert last["lr"] == pytest.approx(train.PRESETS["cifar10"]["min_lr"])
+    assert last["momentum"] == pytest.approx(1.0) and last["teacher_temp"] == pytest.approx(0.07)
+    assert last["wd"] == pytest.approx(0.4)
+
+
+def test_benchmark_prints_json_line(capsys):
+    assert train.main(TINY + ["--dataset", "synthetic", "--batch-size", "4", "--benchmark", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["img_per_s"] > 0 and result["steps"] == 2 and result["device"] == "cpu"
+    assert result["precision"] in ("fp32", "bf16")
+
+
+def test_torchrun_two_processes_agree(folder, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py")] + TINY + ["--data-path", str(folder), "--batch-size", "4", "--epochs", "2",
+                                             "--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 ranks agree on the teacher weights and loss centres" in proc.stdout
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["step"] == 8  # 32 images / (2 ranks x 4) = 4 steps an epoch
