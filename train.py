@@ -35,7 +35,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torchvision
+import torchvision.transforms.functional as TF
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 import ibot_min as M
 
@@ -66,7 +68,7 @@ PRESETS["cifar100"] = {**PRESETS["cifar10"], "dataset": "cifar100", "data_path":
 DEFAULTS = dict(preset="cifar10", patch_out_dim=None, head_hidden_dim=2048, shared_head=True, mask_ratios=(0.0, 0.3),
                 mask_ratio_vars=(0.0, 0.2), mask_shape="block", pred_start_epoch=0, lambda1=1.0, lambda2=1.0,
                 limit_per_class=None, download=False, output_dir="runs/ibot", seed=0, workers=None, device=None,
-                precision=None, compile=False, budget=None, benchmark=0, knn_every=0, ckpt_every=1, resume=True,
+                precision=None, compile=False, device_augment=False, budget=None, benchmark=0, knn_every=0, ckpt_every=1, resume=True,
                 max_steps=None)
 
 
@@ -93,13 +95,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument("--" + name, type=typ, default=S)
     for name in ["global-scale", "local-scale", "mask-ratios", "mask-ratio-vars"]:
         p.add_argument("--" + name, type=float, nargs="+", default=S)
-    for name in ["blur", "norm-last-layer", "shared-head", "compile", "resume"]:
+    for name in ["blur", "norm-last-layer", "shared-head", "compile", "resume", "device-augment"]:
         p.add_argument("--" + name, action=argparse.BooleanOptionalAction, default=S)
     p.add_argument("--mask-shape", choices=["block", "rand"], default=S)
     p.add_argument("--output-dir", default=S)
     p.add_argument("--device", default=S, help="cuda | mps | cpu (default: the best there is)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=S)
     p.add_argument("--budget", default=S, help="wall-clock budget such as 90s, 5m, 1.5h; schedules end with it")
+    # --device-augment: decode the dataset once, keep it on the device and make crops and masks there
+    # (ibot_min.BatchedMultiCrop); for GPU runs on small images, where a CPU loader cannot keep up
     given = vars(p.parse_args(argv))
     preset = given.get("preset", DEFAULTS["preset"])
     if preset not in PRESETS:
@@ -230,6 +234,17 @@ def eval_transform(args):
     resize = [] if size <= 64 else [T.Resize(size * 256 // 224, interpolation=T.InterpolationMode.BICUBIC),
                                     T.CenterCrop(size)]
     return T.Compose(resize + [T.ToTensor(), T.Normalize(M.IMAGENET_MEAN, M.IMAGENET_STD)])
+
+
+def decode_all(images, workers: int) -> torch.Tensor:
+    """Every image of a dataset decoded once -> uint8 (N, 3, H, W); for the on-device augmentation."""
+    to_tensor = Transformed(images, TF.pil_to_tensor)
+    sizes = {to_tensor[i][0].shape for i in range(min(len(images), 16))}
+    if len(sizes) > 1:
+        raise ValueError(f"--device-augment needs images of one size (such as CIFAR), found {sorted(sizes)}")
+    loader = torch.utils.data.DataLoader(to_tensor, batch_size=1024, num_workers=workers)
+    print0(f"decoding {len(images)} images for the on-device augmentation")
+    return torch.cat([x for x, _ in loader])
 
 
 class Transformed(torch.utils.data.Dataset):
@@ -439,6 +454,20 @@ def train(args) -> dict:
                                          prefetch_factor=4 if workers else None,
                                          generator=torch.Generator().manual_seed(args.seed))  # spares the global RNG
     steps_per_epoch = len(sampler) // args.batch_size
+    if args.device_augment:  # decoded images stay on the device; crops and masks are made there per batch
+        pixels = decode_all(images, workers).to(device)
+        make_views = M.BatchedMultiCrop(dataset.aug)
+
+    def epoch_batches(epoch: int, start_batch: int):
+        dataset.epoch = epoch
+        sampler.set_epoch(epoch, start_batch)
+        if not args.device_augment:
+            yield from loader
+            return
+        order = torch.tensor(list(sampler), dtype=torch.long).view(-1, args.batch_size).to(device)
+        for b, idx in enumerate(order, start=start_batch):
+            g = torch.Generator(device=device).manual_seed(hash((args.seed, rank, epoch, b)) & (2**63 - 1))
+            yield make_views(pixels[idx], g, masking=epoch >= args.pred_start_epoch)
 
     # model and optimiser
     model = build_model(args).to(device)
@@ -450,7 +479,9 @@ def train(args) -> dict:
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     autocast = nullcontext() if dtype is None else torch.autocast(args.device, dtype=dtype)
     scaler = torch.amp.GradScaler(args.device, enabled=args.precision == "fp16")
-    step_model = torch.compile(model, dynamic=True) if args.compile else model
+    if args.compile:  # the backbones hold nearly all the work and have static shapes; compiled in place
+        model.student.backbone.compile()
+        model.teacher.backbone.compile()
 
     total = args.epochs * steps_per_epoch
     if args.max_steps:
@@ -495,20 +526,23 @@ def train(args) -> dict:
 
     print0(f"iBOT {args.arch}/{args.patch_size} on {args.dataset} ({len(images)} images), {world} x {args.device}, "
            f"{args.precision}, batch {global_batch}, {schedules.total} steps")
-    t_start, step_times, interrupted = time.perf_counter(), [], False
+    t_start, step_times, interrupted, step_flops = time.perf_counter(), [], False, 0
     t_sized = t_start
     last_row = None
     try:
         while step < schedules.total:
             epoch, start_batch = divmod(step, steps_per_epoch)
-            dataset.epoch = epoch
-            sampler.set_epoch(epoch, start_batch)
             t_epoch, sums, n = time.perf_counter(), {}, 0
-            for batch in loader:
+            for batch in epoch_batches(epoch, start_batch):
                 t0 = time.perf_counter()
                 s = schedules.at(step)
-                out = train_step(step_model, model, optimizer, scaler, autocast, params, last_layer, batch, s,
-                                 device, args.clip_grad, world, step < schedules.freeze_last_layer_steps)
+                counting = benchmark and step == 0  # FLOPs of one step, eagerly, before the timed ones
+                with torch.compiler.set_stance("force_eager") if counting else nullcontext(), \
+                        FlopCounterMode(display=False) if counting else nullcontext() as flop_counter:
+                    out = train_step(model, optimizer, scaler, autocast, params, last_layer, batch, s,
+                                     device, args.clip_grad, world, step < schedules.freeze_last_layer_steps)
+                if counting:
+                    step_flops = flop_counter.get_total_flops()
                 step += 1
                 if benchmark:
                     float(out["loss"])  # waits for the device
@@ -569,7 +603,7 @@ def train(args) -> dict:
             check_ranks_agree(model)
             dist.destroy_process_group()
     if benchmark:
-        return benchmark_summary(args, step_times, global_batch, device)
+        return benchmark_summary(args, step_times, global_batch, device, step_flops)
     return dict(steps=step, total=schedules.total, train_s=time.perf_counter() - t_start, interrupted=interrupted,
                 last=last_row)
 
@@ -588,26 +622,35 @@ def check_ranks_agree(model: M.IBOT) -> None:
     print0(f"{len(gathered)} ranks agree on the teacher weights and loss centres")
 
 
-def benchmark_summary(args, step_times, global_batch, device) -> dict:
+# dense bf16 peak of the cards we quote MFU against (vendor figures)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def benchmark_summary(args, step_times, global_batch, device, step_flops) -> dict:
     times = step_times[3:]
     step_s = statistics.median(times)
     summary = dict(img_per_s=global_batch / step_s, step_s=step_s, device="cpu", precision=args.precision,
-                   arch=args.arch, batch_size=global_batch, steps=len(times), torch=torch.__version__)
+                   arch=args.arch, batch_size=global_batch, steps=len(times), compile=args.compile,
+                   gflop_per_img=step_flops / global_batch / 1e9, tflop_per_s=step_flops / step_s / 1e12,
+                   torch=torch.__version__)
     if device.startswith("cuda"):
-        summary.update(device=torch.cuda.get_device_name(device),
-                       peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30)
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        summary.update(device=name, peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30)
+        if peak:
+            summary["mfu"] = step_flops / step_s / peak
     print0(json.dumps(summary))
     return summary
 
 
-def train_step(step_model, model, optimizer, scaler, autocast, params, last_layer, batch, s, device, clip_grad,
+def train_step(model, optimizer, scaler, autocast, params, last_layer, batch, s, device, clip_grad,
                world, freeze_last_layer: bool) -> dict:
     global_crops, local_crops, masks = (None if t is None else t.to(device, non_blocking=True) for t in batch)
     for group in optimizer.param_groups:
         group["lr"] = s["lr"]
     optimizer.param_groups[0]["weight_decay"] = s["wd"]  # group 1 (biases, 1-D) is never decayed
     with autocast:
-        out = step_model(global_crops, local_crops, masks, s["teacher_temp"], s["teacher_patch_temp"])
+        out = model(global_crops, local_crops, masks, s["teacher_temp"], s["teacher_patch_temp"])
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(out["loss"]).backward()
     all_reduce_gradients(params, world)
