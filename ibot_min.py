@@ -59,6 +59,7 @@ class IBOTConfig:
     center_momentum: float = 0.9  # for c and c'
     lambda1: float = 1.0  # weight of L_cls
     lambda2: float = 1.0  # weight of L_mim
+    centering: str = "center"  # "center": iBOT's EMA centre; "sinkhorn": DINOv2's Sinkhorn-Knopp (an extension)
 
     def __post_init__(self):
         if self.arch not in PRESETS:
@@ -422,8 +423,11 @@ class IBOTLoss(nn.Module):
 
     def __init__(self, out_dim: int, patch_out_dim: int, n_global_crops: int, n_local_crops: int,
                  student_temp: float = 0.1, center_momentum: float = 0.9, patch_center_momentum: float = 0.9,
-                 lambda1: float = 1.0, lambda2: float = 1.0):
+                 lambda1: float = 1.0, lambda2: float = 1.0, centering: str = "center"):
         super().__init__()
+        if centering not in ("center", "sinkhorn"):
+            raise ValueError(f"centering must be 'center' or 'sinkhorn', got {centering!r}")
+        self.centering = centering
         if n_global_crops < 1 or n_global_crops + n_local_crops < 2:
             raise ValueError(f"need >= 1 global crop and >= 2 crops in all, got g={n_global_crops}, l={n_local_crops}")
         self.g, self.n_crops = n_global_crops, n_global_crops + n_local_crops
@@ -450,14 +454,14 @@ class IBOTLoss(nn.Module):
         self._check(student_cls, student_patch_masked, teacher_cls, teacher_patch, masks)
         B = teacher_cls.shape[0] // g
         s_cls = F.log_softmax(student_cls.float() / self.student_temp, dim=-1).view(V, B, -1)  # log softmax(s_v/tau_s)
-        P = F.softmax((teacher_cls.float() - self.center) / teacher_temp, dim=-1).view(g, B, -1)  # P_u
+        P = self.teacher_targets(teacher_cls.float(), self.center, teacher_temp).view(g, B, -1)  # P_u
         # sum_u sum_{v != u} P_u . log s_v = (sum_u P_u) . (sum_v log s_v) - sum_u P_u . log s_u: one pass over
         # the crops instead of g * V pairs (a faster but identical computation).
         cross = (P.sum(0) * s_cls.sum(0)).sum(-1) - (P * s_cls[:g]).sum((0, -1))  # (B,)
         loss_cls = -cross.mean() / (g * (V - 1)) * self.lambda1
 
         s_patch = F.log_softmax(student_patch_masked.float() / self.student_temp, dim=-1)  # (M, K_p)
-        Q = F.softmax((teacher_patch[masks].float() - self.patch_center[0]) / teacher_patch_temp, dim=-1)  # Q_un
+        Q = self.teacher_targets(teacher_patch[masks].float(), self.patch_center[0], teacher_patch_temp)  # Q_un
         ce = -(Q * s_patch).sum(-1)  # (M,) cross-entropy at each masked patch
         per_patch = torch.zeros(masks.shape, device=ce.device, dtype=ce.dtype).masked_scatter(masks, ce)
         per_image = per_patch.sum(1) / masks.sum(1).clamp(min=1)  # (gB,) an image without masks adds 0
@@ -465,6 +469,13 @@ class IBOTLoss(nn.Module):
 
         self.update_center(teacher_cls, teacher_patch)
         return {"cls": loss_cls, "patch": loss_patch, "loss": loss_cls + loss_patch}
+
+    def teacher_targets(self, logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+        """(rows, K) teacher logits -> (rows, K) targets: softmax((t - c) / tau_t), or with centering="sinkhorn"
+        (DINOv2's option, not iBOT's) a Sinkhorn-Knopp balancing of exp(t / tau_t) over all rows of all ranks."""
+        if self.centering == "center":
+            return F.softmax((logits - center) / temp, dim=-1)
+        return sinkhorn_knopp(logits / temp)
 
     def _check(self, student_cls, student_patch_masked, teacher_cls, teacher_patch, masks):
         g, V = self.g, self.n_crops
@@ -492,6 +503,30 @@ class IBOTLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(cls_sum / rows, alpha=1 - self.center_momentum)
         self.patch_center.mul_(self.patch_center_momentum).add_(patch_sum[None] / rows,
                                                                 alpha=1 - self.patch_center_momentum)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores: torch.Tensor, iterations: int = 3) -> torch.Tensor:
+    """(rows, K) scores -> (rows, K) targets, each row summing to 1, each prototype used about equally over all
+    rows of all ranks: a stronger guard against collapse than the running centre on small or short runs."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def all_sum(t):
+        if world > 1:
+            dist.all_reduce(t)
+        return t
+
+    shift = scores.max().reshape(1)
+    if world > 1:
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    Q = torch.exp(scores - shift).T  # (K, rows); a shift shared by all ranks cancels in the normalisations
+    rows = all_sum(torch.tensor([Q.shape[1]], device=Q.device, dtype=Q.dtype))
+    K = Q.shape[0]
+    Q /= all_sum(Q.sum().reshape(1))
+    for _ in range(iterations):
+        Q /= all_sum(Q.sum(1, keepdim=True)) * K  # each prototype gets 1/K of the mass
+        Q /= Q.sum(0, keepdim=True) * rows  # each row gets 1/rows
+    return (Q * rows).T
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -768,7 +803,7 @@ class IBOT(nn.Module):
         ema_update(self.teacher, self.student, 0.0)  # the teacher starts as a copy of the student
         self.teacher.requires_grad_(False)
         self.loss = IBOTLoss(cfg.out_dim, cfg.patch_out_dim, cfg.n_global_crops, cfg.n_local_crops, cfg.student_temp,
-                             cfg.center_momentum, cfg.center_momentum, cfg.lambda1, cfg.lambda2)
+                             cfg.center_momentum, cfg.center_momentum, cfg.lambda1, cfg.lambda2, cfg.centering)
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor,
                 teacher_temp: float, teacher_patch_temp: float) -> dict[str, torch.Tensor]:

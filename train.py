@@ -66,7 +66,7 @@ PRESETS = {
 }
 PRESETS["cifar100"] = {**PRESETS["cifar10"], "dataset": "cifar100", "data_path": "data/"}
 DEFAULTS = dict(preset="cifar10", patch_out_dim=None, head_hidden_dim=2048, shared_head=True, mask_ratios=(0.0, 0.3),
-                mask_ratio_vars=(0.0, 0.2), mask_shape="block", pred_start_epoch=0, lambda1=1.0, lambda2=1.0,
+                mask_ratio_vars=(0.0, 0.2), mask_shape="block", centering="center", pred_start_epoch=0, lambda1=1.0, lambda2=1.0,
                 limit_per_class=None, download=False, output_dir="runs/ibot", seed=0, workers=None, device=None,
                 precision=None, compile=False, device_augment=False, budget=None, benchmark=0, knn_every=0, ckpt_every=1, resume=True,
                 max_steps=None)
@@ -98,6 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ["blur", "norm-last-layer", "shared-head", "compile", "resume", "device-augment"]:
         p.add_argument("--" + name, action=argparse.BooleanOptionalAction, default=S)
     p.add_argument("--mask-shape", choices=["block", "rand"], default=S)
+    p.add_argument("--centering", choices=["center", "sinkhorn"], default=S)
     p.add_argument("--output-dir", default=S)
     p.add_argument("--device", default=S, help="cuda | mps | cpu (default: the best there is)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=S)
@@ -383,7 +384,7 @@ def build_model(args) -> M.IBOT:
     cfg = M.IBOTConfig(arch=args.arch, patch_size=args.patch_size, img_size=args.global_size,
                        drop_path_rate=args.drop_path, out_dim=args.out_dim, patch_out_dim=args.patch_out_dim,
                        shared_head=args.shared_head, norm_last_layer=args.norm_last_layer, head_hidden_dim=args.head_hidden_dim,
-                       n_global_crops=2,
+                       centering=args.centering, n_global_crops=2,
                        n_local_crops=args.local_crops, lambda1=args.lambda1, lambda2=args.lambda2)
     return M.IBOT(cfg)
 
