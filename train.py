@@ -137,14 +137,14 @@ def read_image(path: str) -> Image.Image:
 class SyntheticImages(torch.utils.data.Dataset):
     """Random images for smoke runs and benchmarks; image i is always the same."""
 
-    def __init__(self, n: int = 1024, size: int = 32, num_classes: int = 10):
-        self.n, self.size, self.classes = n, size, [str(c) for c in range(num_classes)]
+    def __init__(self, n: int = 1024, size: int = 32, num_classes: int = 10, first: int = 0):
+        self.n, self.size, self.first, self.classes = n, size, first, [str(c) for c in range(num_classes)]
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
+        g = torch.Generator().manual_seed(self.first + i)
         pixels = torch.randint(0, 256, (self.size, self.size, 3), generator=g, dtype=torch.uint8)
         return Image.fromarray(pixels.numpy()), i % len(self.classes)
 
@@ -157,7 +157,8 @@ def build_dataset(name: str, data_path: str | None, split: str = "train", holdou
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == "synthetic":
-        return SyntheticImages(1024 if split == "train" else 256, synthetic_size)
+        # the val images follow the train images, so they are never copies of them
+        return SyntheticImages(1024, synthetic_size) if split == "train" else SyntheticImages(256, synthetic_size, 1024)
     if name in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         if not data_path:
