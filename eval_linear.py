@@ -55,14 +55,6 @@ def probe_features(backbone: M.VisionTransformer, images: torch.Tensor, n_last_b
     return torch.cat({0: cls, 1: mean_patch, 2: cls + mean_patch}[avgpool], dim=-1).float()
 
 
-def eval_transform(size: int) -> T.Compose:
-    """Centre crop at `size` (ImageNet: resize to 256, crop 224). Unlike train.eval_transform, small images are
-    resized too, so any folder reaches the backbone at `size`; CIFAR at 32 px passes unchanged."""
-    resize = size * 256 // 224 if size > 64 else size
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
-                      T.Normalize(M.IMAGENET_MEAN, M.IMAGENET_STD)])
-
-
 def train_transform(size: int) -> T.Compose:
     return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
                       T.Normalize(M.IMAGENET_MEAN, M.IMAGENET_STD)])
@@ -267,7 +259,7 @@ def evaluate(args) -> dict:
 
     def features(images, what, fn):
         with autocast:
-            f, y = fn(progress(loader(images, eval_transform(args.image_size)), f"{what} features"))
+            f, y = fn(progress(loader(images, train.eval_transform(args.image_size)), f"{what} features"))
         return gather(f, world), gather(y, world)
 
     train.print0(f"{args.checkpoint} ({args.which}): ViT {backbone.embed_dim} wide, {len(backbone.blocks)} blocks, "

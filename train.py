@@ -230,12 +230,12 @@ def collate_crops(batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tenso
     return torch.cat(per_crop[:g]), local, torch.stack(masks, dim=1).flatten(0, 1).flatten(1)
 
 
-def eval_transform(args):
+def eval_transform(size: int):
+    """Centre crop at `size` (ImageNet: resize to 256, crop 224); CIFAR at 32 px passes unchanged."""
     import torchvision.transforms as T
-    size = args.global_size
-    resize = [] if size <= 64 else [T.Resize(size * 256 // 224, interpolation=T.InterpolationMode.BICUBIC),
-                                    T.CenterCrop(size)]
-    return T.Compose(resize + [T.ToTensor(), T.Normalize(M.IMAGENET_MEAN, M.IMAGENET_STD)])
+    resize = size * 256 // 224 if size > 64 else size
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize(M.IMAGENET_MEAN, M.IMAGENET_STD)])
 
 
 def decode_all(images, workers: int) -> torch.Tensor:
@@ -670,7 +670,7 @@ def train_step(model, optimizer, scaler, autocast, params, last_layer, batch, s,
 @torch.no_grad()
 def knn_monitor(model: M.IBOT, args, device) -> float:
     """kNN top-1 (k=20, T=0.07) of the teacher's [CLS] on the held-out split, the training split as the bank."""
-    tf = eval_transform(args)
+    tf = eval_transform(args.global_size)
     loaders = [torch.utils.data.DataLoader(Transformed(build_dataset(args.dataset, args.data_path, split,
                                                                      args.holdout_per_class, args.limit_per_class),
                                                        tf), batch_size=256, num_workers=args.workers or 0)
