@@ -158,7 +158,7 @@ def build_dataset(name: str, data_path: str | None, split: str = "train", holdou
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == "synthetic":
         # the val images follow the train images, so they are never copies of them
-        return SyntheticImages(1024, synthetic_size) if split == "train" else SyntheticImages(256, synthetic_size, 1024)
+        return SyntheticImages(1024, synthetic_size) if split == "train" else SyntheticImages(256, synthetic_size, first=1024)
     if name in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         if not data_path:
