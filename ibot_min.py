@@ -452,6 +452,7 @@ class IBOTLoss(nn.Module):
         in row-major order of masks. The loss never reads the others, so they need not be computed."""
         g, V = self.g, self.n_crops
         self._check(student_cls, student_patch_masked, teacher_cls, teacher_patch, masks)
+        teacher_cls, teacher_patch = teacher_cls.detach(), teacher_patch.detach()  # targets: no gradient
         B = teacher_cls.shape[0] // g
         s_cls = F.log_softmax(student_cls.float() / self.student_temp, dim=-1).view(V, B, -1)  # log softmax(s_v/tau_s)
         P = self.teacher_targets(teacher_cls.float(), self.center, teacher_temp).view(g, B, -1)  # P_u
@@ -551,7 +552,7 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
     `final` (the official cosine stops one step short of it)."""
     if total_steps < 1:
         raise ValueError(f"a schedule needs at least one step, got {total_steps}")
-    warmup_steps = min(warmup_steps, total_steps)
+    warmup_steps = min(warmup_steps, total_steps - 1)  # the last step is always `final`
     warm = torch.linspace(warmup_start, base, warmup_steps, dtype=torch.float64)
     n = total_steps - warmup_steps
     t = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
@@ -567,7 +568,8 @@ def linear_warmup(start: float, end: float, warmup_steps: int, total_steps: int,
     hold = min(hold_steps, total_steps)
     ramp = min(warmup_steps, total_steps - hold)
     return torch.cat([torch.full((hold,), start, dtype=torch.float64),
-                      torch.linspace(start, end, ramp, dtype=torch.float64),
+                      torch.linspace(start, end, ramp, dtype=torch.float64) if ramp > 1 else
+                      torch.full((ramp,), end, dtype=torch.float64),
                       torch.full((total_steps - hold - ramp,), end, dtype=torch.float64)])
 
 
