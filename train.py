@@ -348,8 +348,8 @@ def clip_gradients(params, max_norm: float) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or max_norm <= 0:
         return
-    norms = torch._foreach_norm(grads)
-    torch._foreach_mul_(grads, [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms])
+    coefs = (max_norm / (torch.stack(torch._foreach_norm(grads)) + 1e-6)).clamp(max=1.0)  # a few kernels in all
+    torch._foreach_mul_(grads, list(coefs.unbind()))
 
 
 def save_atomic(obj, path: Path) -> None:

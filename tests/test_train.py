@@ -198,3 +198,14 @@ def test_torchrun_two_processes_agree(folder, tmp_path):
     assert "2 ranks agree on the teacher weights and loss centres" in proc.stdout
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["step"] == 8  # 32 images / (2 ranks x 4) = 4 steps an epoch
+
+
+def test_gradients_are_clipped_per_parameter():
+    params = [torch.nn.Parameter(torch.zeros(10)) for _ in range(3)]
+    for p, scale in zip(params, [0.1, 1.0, 10.0]):
+        p.grad = torch.full((10,), scale)
+    train.clip_gradients(params, 3.0)
+    norms = [float(p.grad.norm()) for p in params]
+    assert norms[0] == pytest.approx(0.1 * 10 ** 0.5)  # below the limit: untouched
+    assert norms[1] == pytest.approx(3.0, rel=1e-5) and norms[2] == pytest.approx(3.0, rel=1e-5)
+    assert torch.allclose(params[2].grad, torch.full((10,), 3.0 / 10 ** 0.5), atol=1e-5)  # direction kept
