@@ -1,0 +1,70 @@
+"""notebooks/ibot_walkthrough.ipynb: it runs top to bottom, shows its pictures, and matches its generator.
+
+The slow test executes a copy in memory with nbclient (the committed file is never written) on the real
+CIFAR-10 folder ../shared/data/cifar10/train; without that folder it is skipped, since tests never download.
+About 2.5 minutes on 2 CPU cores.
+"""
+
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat", reason="the notebook tests need the dev extra (nbformat)")
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "ibot_walkthrough.ipynb"
+MIN_PICTURES = 6  # views, masks, mask fractions, tokenizer entropies, training curves, attention and prototypes
+
+
+def outputs(nb):
+    return [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+
+
+def pictures(nb) -> int:
+    return sum("image/png" in o.get("data", {}) for o in outputs(nb))
+
+
+def printed(nb) -> str:
+    return "".join(o.get("text", "") for o in outputs(nb) if o.get("output_type") == "stream")
+
+
+def test_committed_notebook_keeps_its_outputs_and_matches_its_generator():
+    pytest.importorskip("nbclient", reason="the generator needs the dev extra (nbclient)")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert all(c.get("execution_count") for c in nb.cells if c.cell_type == "code"), \
+        "commit the notebook executed: python notebooks/make_walkthrough.py"
+    assert pictures(nb) >= MIN_PICTURES
+    assert not [o for o in outputs(nb) if o.get("output_type") == "error"]
+    assert NOTEBOOK.stat().st_size < 2_000_000, "keep the committed pictures small"
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_walkthrough", ROOT / "notebooks" / "make_walkthrough.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    expected = [(c.cell_type, c.source) for c in generator.build().cells]
+    assert [(c.cell_type, c.source) for c in nb.cells] == expected, \
+        "the notebook differs from notebooks/make_walkthrough.py: edit the generator and run it"
+
+
+@pytest.mark.slow
+def test_notebook_runs_without_errors(cifar_train):
+    # cifar_train (conftest.py) skips without ../shared: the notebook would download CIFAR-10, tests never do
+    nbclient = pytest.importorskip("nbclient", reason="the notebook tests need the dev extra (nbclient)")
+    pytest.importorskip("ipykernel", reason="the notebook tests need the dev extra (ipykernel)")
+    pytest.importorskip("matplotlib", reason="the notebook tests need the dev extra (matplotlib)")
+    committed = NOTEBOOK.read_bytes()
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:  # start from a blank copy, so the checks below see fresh outputs only
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    # raises CellExecutionError, with the cell's traceback, at the first cell that fails
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    assert not [o for o in outputs(nb) if o.get("output_type") == "error"]
+    assert pictures(nb) >= MIN_PICTURES
+    text = printed(nb)
+    assert f"CIFAR-10 from {cifar_train}" in text
+    assert "agree: True" in text, "the hand-written loss and IBOTLoss disagree"
+    assert "centre update agrees: True" in text
+    assert "same as vit(x, mask=mask): True" in text
+    assert "kNN top-1:" in text
+    assert NOTEBOOK.read_bytes() == committed, "the test must not write the executed notebook back"
