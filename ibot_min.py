@@ -378,8 +378,9 @@ class WeightNormLinear(nn.Module):
         self.weight_v = nn.Parameter(nn.init.trunc_normal_(torch.empty(out_dim, in_dim), std=0.02))
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not freeze_gain)
 
-    def forward(self, x):
-        return F.linear(x, self.weight_g * F.normalize(self.weight_v, dim=1))
+    def forward(self, x):  # in fp32 under any autocast: the logits are cosines that tau_t = 0.04 magnifies 25x
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight_g * F.normalize(self.weight_v, dim=1))
 
 
 class IBOTHead(nn.Module):

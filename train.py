@@ -555,19 +555,19 @@ def train(args) -> dict:
                 sums = {k: sums.get(k, 0.0) + v.detach() for k, v in out.items()}
                 n += 1
                 elapsed = time.perf_counter() - t_start
-                if args.budget_s and (step == 3 or step % 10 == 0 and step > 3):
-                    # size every schedule to end with the budget: first from the start-up steps, then every 10
-                    # steps from the throughput since step 3 (past compilation and warm-up)
+                if args.budget_s and step == 1:
+                    t_sized = time.perf_counter()  # the rate is measured after step 0 (loader start, compilation)
+                if args.budget_s and step >= 3:
+                    # size every schedule to end with the budget: every 10 steps, then every step near the end,
+                    # so the last step runs at the schedules' final values
+                    left = int((args.budget_s - elapsed) * (step - 1) / (time.perf_counter() - t_sized))
+                    if step % 10 == 3 or left < 20:
+                        new_total = step + max(left, 1)
+                        if new_total != schedules.total:
+                            schedules = Schedules(args, new_total, steps_per_epoch, global_batch)
                     if step == 3:
-                        t_sized, rate = time.perf_counter(), step / elapsed
-                    else:
-                        rate = (step - 3) / (time.perf_counter() - t_sized)
-                    new_total = max(step + 1, step + int((args.budget_s - elapsed) * rate))
-                    if new_total != schedules.total:
-                        schedules = Schedules(args, new_total, steps_per_epoch, global_batch)
-                    if step == 3:
-                        print0(f"budget {args.budget_s:.0f}s at {rate:.2f} steps/s: about {new_total} steps "
-                               f"({new_total / steps_per_epoch:.1f} epochs)")
+                        print0(f"budget {args.budget_s:.0f}s: about {schedules.total} steps "
+                               f"({schedules.total / steps_per_epoch:.1f} epochs)")
                 if args.budget_s and elapsed >= args.budget_s:
                     schedules.total = step  # out of time: stop here
                 if step % 10 == 0 or step >= schedules.total:

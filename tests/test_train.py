@@ -170,9 +170,9 @@ def test_cifar10_download_path_reads_a_local_copy(tmp_path, monkeypatch):
 
 def test_budget_stops_on_time_with_schedules_at_their_end(folder, tmp_path):
     out = tmp_path / "run"
-    summary = run(TINY + ["--data-path", str(folder), "--batch-size", "8", "--epochs", "1000", "--budget", "6s",
+    summary = run(TINY + ["--data-path", str(folder), "--batch-size", "8", "--epochs", "1000", "--budget", "10s",
                           "--output-dir", str(out)])
-    assert summary["train_s"] < 6 + 3  # one step past the budget at most, plus its epoch's bookkeeping
+    assert summary["train_s"] < 10 + 3  # one step past the budget at most, plus its epoch's bookkeeping
     assert summary["steps"] == summary["total"] >= 5
     last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert last["lr"] == pytest.approx(train.PRESETS["cifar10"]["min_lr"])
