@@ -65,7 +65,8 @@ class IBOTConfig:
         if self.arch not in PRESETS:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of {sorted(PRESETS)}")
         if self.shared_head and self.patch_out_dim != self.out_dim:
-            raise ValueError(f"a shared head needs patch_out_dim == out_dim, got {self.patch_out_dim} != {self.out_dim}")
+            raise ValueError(f"a shared head needs patch_out_dim == out_dim, "
+                             f"got {self.patch_out_dim} != {self.out_dim}")
         if self.n_global_crops < 1 or self.n_global_crops + self.n_local_crops < 2:
             raise ValueError(f"need >= 1 global crop and >= 2 crops in all, got g={self.n_global_crops}, "
                              f"l={self.n_local_crops}")
@@ -181,7 +182,8 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)  # (B, N, D)
         if mask is not None:
             if self.masked_embed is None:
-                raise ValueError("this ViT has no masked_embed (the teacher's has none); build it with masked_embed=True")
+                raise ValueError("this ViT has no masked_embed (the teacher's has none); "
+                                 "build it with masked_embed=True")
             if mask.shape != x.shape[:2] or mask.dtype != torch.bool:
                 raise ValueError(f"expected a bool mask of shape {tuple(x.shape[:2])} (B, N), "
                                  f"got {mask.dtype} {tuple(mask.shape)}")
@@ -770,8 +772,8 @@ class BatchedMultiCrop:
         crop-major, as the loader's collate gives them."""
         a, g = self.aug, generator
         x = images.float() / 255
-        glob = torch.cat([self.views(x, a.global_size, a.global_scale, 1.0 if i == 0 else 0.1, 0.0 if i == 0 else 0.2, g)
-                          for i in range(a.n_global_crops)])
+        glob = torch.cat([self.views(x, a.global_size, a.global_scale, 1.0 if i == 0 else 0.1,
+                                     0.0 if i == 0 else 0.2, g) for i in range(a.n_global_crops)])
         local = torch.cat([self.views(x, a.local_size, a.local_scale, 0.5, 0.0, g)
                            for _ in range(a.n_local_crops)]) if a.n_local_crops else None
         n = glob.shape[0]

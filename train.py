@@ -28,12 +28,10 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -65,16 +63,16 @@ PRESETS = {
                              freeze_last_layer=1, clip_grad=3.0, knn_every=0),
 }
 PRESETS["cifar100"] = {**PRESETS["cifar10"], "dataset": "cifar100", "data_path": "data/"}
-DEFAULTS = dict(preset="cifar10", patch_out_dim=None, head_hidden_dim=2048, shared_head=True, mask_ratios=(0.0, 0.3),
-                mask_ratio_vars=(0.0, 0.2), mask_shape="block", centering="center", pred_start_epoch=0, lambda1=1.0, lambda2=1.0,
-                limit_per_class=None, download=False, output_dir="runs/ibot", seed=0, workers=None, device=None,
-                precision=None, compile=False, device_augment=False, budget=None, benchmark=0, knn_every=0, ckpt_every=1, resume=True,
-                max_steps=None)
+DEFAULTS = dict(preset="cifar10", patch_out_dim=None, head_hidden_dim=2048, shared_head=True,
+                mask_ratios=(0.0, 0.3), mask_ratio_vars=(0.0, 0.2), mask_shape="block", centering="center",
+                pred_start_epoch=0, lambda1=1.0, lambda2=1.0, limit_per_class=None, download=False,
+                output_dir="runs/ibot", seed=0, workers=None, device=None, precision=None, compile=False,
+                device_augment=False, budget=None, benchmark=0, knn_every=0, ckpt_every=1, resume=True, max_steps=None)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     S = argparse.SUPPRESS  # unset flags stay unset, so the preset decides
     p.add_argument("--preset", default=S, help=f"one of {sorted(PRESETS)} (default cifar10)")
     p.add_argument("--dataset", default=S, help="cifar10 | cifar100 | imagefolder | synthetic")
@@ -85,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit-per-class", type=int, default=S, help="train on the first N images of each class")
     p.add_argument("--arch", default=S, choices=sorted(M.PRESETS))
     for name, typ in [("patch-size", int), ("global-size", int), ("local-size", int), ("local-crops", int),
-                      ("out-dim", int), ("patch-out-dim", int), ("head-hidden-dim", int), ("batch-size", int), ("epochs", int),
+                      ("out-dim", int), ("patch-out-dim", int), ("head-hidden-dim", int), ("batch-size", int),
+                      ("epochs", int),
                       ("lr", float), ("min-lr", float), ("warmup-epochs", float), ("weight-decay", float),
                       ("weight-decay-end", float), ("momentum-teacher", float), ("teacher-temp", float),
                       ("warmup-teacher-temp", float), ("warmup-teacher-temp-epochs", float), ("drop-path", float),
@@ -158,7 +157,9 @@ def build_dataset(name: str, data_path: str | None, split: str = "train", holdou
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == "synthetic":
         # the val images follow the train images, so they are never copies of them
-        return SyntheticImages(1024, synthetic_size) if split == "train" else SyntheticImages(256, synthetic_size, first=1024)
+        if split == "val":
+            return SyntheticImages(256, synthetic_size, first=1024)
+        return SyntheticImages(1024, synthetic_size)
     if name in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         if not data_path:
@@ -210,7 +211,8 @@ class MultiCropDataset(torch.utils.data.Dataset):
     """(crops, masks) per image; every draw seeded by (seed, epoch, index), so a resumed run redraws the same."""
 
     def __init__(self, images, augmentation: M.MultiCropAugmentation, seed: int, pred_start_epoch: int = 0):
-        self.images, self.aug, self.seed, self.pred_start_epoch, self.epoch = images, augmentation, seed, pred_start_epoch, 0
+        self.images, self.aug, self.seed, self.pred_start_epoch = images, augmentation, seed, pred_start_epoch
+        self.epoch = 0
 
     def __len__(self):
         return len(self.images)
@@ -373,8 +375,9 @@ def set_rng_state(state: dict) -> None:
 
 
 # config keys a resumed run must agree on: anything that changes the networks, the data or the schedules
-RESUME_KEYS = ["arch", "patch_size", "global_size", "local_size", "local_crops", "out_dim", "patch_out_dim", "head_hidden_dim",
-               "shared_head", "norm_last_layer", "dataset", "batch_size", "epochs", "lr", "budget", "max_steps", "seed"]
+RESUME_KEYS = ["arch", "patch_size", "global_size", "local_size", "local_crops", "out_dim", "patch_out_dim",
+               "head_hidden_dim", "shared_head", "norm_last_layer", "dataset", "batch_size", "epochs", "lr", "budget",
+               "max_steps", "seed"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -384,7 +387,8 @@ RESUME_KEYS = ["arch", "patch_size", "global_size", "local_size", "local_crops",
 def build_model(args) -> M.IBOT:
     cfg = M.IBOTConfig(arch=args.arch, patch_size=args.patch_size, img_size=args.global_size,
                        drop_path_rate=args.drop_path, out_dim=args.out_dim, patch_out_dim=args.patch_out_dim,
-                       shared_head=args.shared_head, norm_last_layer=args.norm_last_layer, head_hidden_dim=args.head_hidden_dim,
+                       shared_head=args.shared_head, norm_last_layer=args.norm_last_layer,
+                       head_hidden_dim=args.head_hidden_dim,
                        centering=args.centering, n_global_crops=2,
                        n_local_crops=args.local_crops, lambda1=args.lambda1, lambda2=args.lambda2)
     return M.IBOT(cfg)
