@@ -1,10 +1,10 @@
 """Train iBOT, from a CPU CIFAR smoke run to multi-GPU ImageNet. Built on ibot_min.py.
 
-CPU, a quick CIFAR-10 run (the default preset; real CIFAR-10 folders or torchvision's download):
-    python train.py --dataset imagefolder --data-path ../shared/data/cifar10/train --budget 10m
-    python train.py --dataset cifar10 --data-path data/ --download
-One GPU:
-    python train.py --preset cifar10 --dataset imagefolder --data-path ../shared/data/cifar10/train --budget 5m
+CPU, a CIFAR-10 smoke run (../shared's PNGs by default, or torchvision's download):
+    python train.py --preset cifar10-cpu --budget 10m
+    python train.py --preset cifar10-cpu --dataset cifar10 --data-path data/ --download
+One GPU (crops and masks made on the device for small images):
+    python train.py --preset cifar10 --budget 5m --device-augment
     python train.py --preset imagenet-vit-s16 --data-path /data/imagenet
 One node, 8 GPUs (--batch-size is per GPU, the lr scales with the global batch):
     torchrun --standalone --nproc_per_node 8 train.py --preset imagenet-vit-s16 --data-path /data/imagenet
