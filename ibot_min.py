@@ -6,8 +6,9 @@ A student ViT learns to match an EMA teacher on two tasks at once:
     softmax over K prototypes for the *unmasked* view. The teacher is the "online tokenizer".
 
 Read top to bottom: config and presets, ViT, masking, head, loss, teacher update and schedules,
-multi-crop views, the training-step module, checkpoints. ../shared/SPEC.md (or the paper) states every
-formula; the symbols in the comments (P_u, Q_un, tau_t, lambda2, ...) are the paper's.
+multi-crop views (per image with PIL, and batched on the device), the training-step module, checkpoint
+loading, kNN evaluation. ../shared/SPEC.md (or the paper) states every formula; the symbols in the comments
+(P_u, Q_un, tau_t, lambda2, ...) are the paper's.
 """
 
 import argparse
