@@ -537,6 +537,8 @@ def train(args) -> dict:
 
     print0(f"iBOT {args.arch}/{args.patch_size} on {args.dataset} ({len(images)} images), {world} x {args.device}, "
            f"{args.precision}, batch {global_batch}, {schedules.total} steps")
+    if args.knn_every and args.holdout_per_class and step == 0 and not benchmark:
+        log(dict(epoch=0, step=0, knn_top1=knn_monitor(model, args, device)))  # the random-init baseline
     t_start, step_times, interrupted, step_flops = time.perf_counter(), [], False, 0
     t_sized = t_start
     last_row = None
@@ -682,7 +684,8 @@ def knn_monitor(model: M.IBOT, args, device) -> float:
     tf = eval_transform(args.global_size)
     loaders = [torch.utils.data.DataLoader(Transformed(build_dataset(args.dataset, args.data_path, split,
                                                                      args.holdout_per_class, args.limit_per_class),
-                                                       tf), batch_size=256, num_workers=args.workers or 0)
+                                                       tf), batch_size=256, num_workers=args.workers or 0,
+                                           generator=torch.Generator())  # spares the global RNG (exact resume)
                for split in ("train", "val")]
     with torch.autocast(args.device, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext():
         train_f, train_y = M.extract_features(model.teacher.backbone, loaders[0], device)

@@ -42,7 +42,8 @@ def test_end_to_end_on_real_cifar(cifar_train, tmp_path):
     summary = run(TINY + ["--global-size", "32", "--local-size", "16", "--data-path", str(cifar_train),
                           "--limit-per-class", "20", "--holdout-per-class", "10", "--batch-size", "50", "--epochs", "2",
                           "--knn-every", "1", "--output-dir", str(out)])
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    init, *rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert init["step"] == 0 and 0 <= init["knn_top1"] <= 100  # the random-init baseline comes first
     assert [r["epoch"] for r in rows] == [1, 2] and summary["steps"] == 8
     assert all(np.isfinite([r["loss"], r["cls"], r["patch"]]).all() for r in rows)
     assert all(0 <= r["knn_top1"] <= 100 for r in rows)
@@ -209,3 +210,13 @@ def test_gradients_are_clipped_per_parameter():
     assert norms[0] == pytest.approx(0.1 * 10 ** 0.5)  # below the limit: untouched
     assert norms[1] == pytest.approx(3.0, rel=1e-5) and norms[2] == pytest.approx(3.0, rel=1e-5)
     assert torch.allclose(params[2].grad, torch.full((10,), 3.0 / 10 ** 0.5), atol=1e-5)  # direction kept
+
+
+def test_knn_monitor_spares_the_global_rng(folder):
+    # a kNN score between epochs must not shift the drop-path draws, or a resumed run would differ
+    args = train.parse_args(TINY + ["--data-path", str(folder), "--holdout-per-class", "4"])
+    args.device, args.precision = "cpu", "fp32"
+    model = train.build_model(args)
+    before = torch.get_rng_state()
+    score = train.knn_monitor(model, args, "cpu")
+    assert 0 <= score <= 100 and torch.equal(before, torch.get_rng_state())
