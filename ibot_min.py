@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageFilter
+from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
@@ -741,7 +742,7 @@ class BatchedMultiCrop:
         return torch.stack([left, top, left + w, top + h], 1)
 
     def views(self, x: torch.Tensor, size: int, scale, p_blur: float, p_solarize: float, g) -> torch.Tensor:
-        from torchvision.ops import roi_align
+        """float images in [0, 1] (B, 3, H, W) -> one augmented view each, (B, 3, size, size), not yet normalised."""
         B, dev = x.shape[0], x.device
         boxes = self.crop_boxes(B, x.shape[-2], x.shape[-1], scale, g, dev)
         rois = torch.cat([torch.arange(B, device=dev, dtype=x.dtype)[:, None], boxes.to(x.dtype)], 1)
@@ -763,9 +764,7 @@ class BatchedMultiCrop:
             v = torch.where(coin(p_blur)[:, None, None, None], blurred, v)
         if p_solarize > 0:
             v = torch.where(coin(p_solarize)[:, None, None, None] & (v >= 128 / 255), 1 - v, v)
-        mean = torch.tensor(self.aug.mean, device=dev)[None, :, None, None]
-        std = torch.tensor(self.aug.std, device=dev)[None, :, None, None]
-        return (v - mean) / std
+        return v
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None, masking: bool = True):
@@ -773,10 +772,13 @@ class BatchedMultiCrop:
         crop-major, as the loader's collate gives them."""
         a, g = self.aug, generator
         x = images.float() / 255
+        mean = torch.tensor(a.mean, device=x.device)[None, :, None, None]
+        std = torch.tensor(a.std, device=x.device)[None, :, None, None]
         glob = torch.cat([self.views(x, a.global_size, a.global_scale, 1.0 if i == 0 else 0.1,
                                      0.0 if i == 0 else 0.2, g) for i in range(a.n_global_crops)])
-        local = torch.cat([self.views(x, a.local_size, a.local_scale, 0.5, 0.0, g)
-                           for _ in range(a.n_local_crops)]) if a.n_local_crops else None
+        glob = (glob - mean) / std
+        local = (torch.cat([self.views(x, a.local_size, a.local_scale, 0.5, 0.0, g) for _ in range(a.n_local_crops)])
+                 - mean) / std if a.n_local_crops else None
         n = glob.shape[0]
         ratios = sample_ratios(n, a.mask_ratios, a.mask_ratio_vars, g, x.device)
         if not masking:
