@@ -62,6 +62,7 @@ class IBOTConfig:
     lambda1: float = 1.0  # weight of L_cls
     lambda2: float = 1.0  # weight of L_mim
     centering: str = "center"  # "center": iBOT's EMA centre; "sinkhorn": DINOv2's Sinkhorn-Knopp (an extension)
+    koleo: float = 0.0  # weight of DINOv2's KoLeo term on the student's global [CLS] features (an extension; 0 = off)
 
     def __post_init__(self):
         if self.arch not in PRESETS:
@@ -72,6 +73,8 @@ class IBOTConfig:
         if self.n_global_crops < 1 or self.n_global_crops + self.n_local_crops < 2:
             raise ValueError(f"need >= 1 global crop and >= 2 crops in all, got g={self.n_global_crops}, "
                              f"l={self.n_local_crops}")
+        if self.koleo < 0:
+            raise ValueError(f"koleo is a loss weight and must be >= 0, got {self.koleo}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -535,6 +538,21 @@ def sinkhorn_knopp(scores: torch.Tensor, iterations: int = 3) -> torch.Tensor:
     return (Q * rows).T
 
 
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo (Sablayrolles et al. 2019; DINOv2's regulariser): (n, D) features -> -1/n sum_i log(rho_i), where
+    rho_i = min_{j != i} ||x_i - x_j|| over the L2-normalised rows. It spreads the features over the sphere:
+    the Kozachenko-Leonenko entropy estimate, up to constants. Needs n >= 2."""
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"KoLeo needs (n >= 2, D) features, got {tuple(x.shape)}")
+    x = F.normalize(x.float(), dim=-1)
+    with torch.no_grad():  # the nearest neighbour of each row; the distance to it carries the gradient
+        sim = x @ x.T
+        sim.fill_diagonal_(-2.0)
+        nearest = sim.argmax(1)
+    rho = (x - x[nearest]).norm(dim=-1)  # (n,)
+    return -torch.log(rho + eps).mean()
+
+
 # ---------------------------------------------------------------------------------------------------
 # ---- teacher update and schedules ----
 
@@ -832,8 +850,13 @@ class IBOT(nn.Module):
         z = self.student.head.project(torch.cat([cls_tokens, masked_tokens]))
         student_cls = self.student.head.cls_logits(z[:len(cls_tokens)])
         student_patch = self.student.head.patch_logits(z[len(cls_tokens):])
-        return self.loss.forward_masked(student_cls, student_patch, teacher_cls, teacher_patch, masks,
-                                        teacher_temp, teacher_patch_temp)
+        out = self.loss.forward_masked(student_cls, student_patch, teacher_cls, teacher_patch, masks,
+                                       teacher_temp, teacher_patch_temp)
+        if self.cfg.koleo:  # optional: each global crop's batch of backbone [CLS] features spread apart
+            g = self.cfg.n_global_crops
+            out["koleo"] = sum(koleo_loss(c) for c in tokens[:, 0].chunk(g)) / g
+            out["loss"] = out["loss"] + self.cfg.koleo * out["koleo"]
+        return out
 
     def update_teacher(self, momentum: float) -> None:
         ema_update(self.teacher, self.student, momentum)

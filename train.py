@@ -70,7 +70,7 @@ PRESETS["cifar10-cpu"] = {**PRESETS["cifar10"], "arch": "vit_nano", "out_dim": 1
 PRESETS["cifar100"] = {**PRESETS["cifar10"], "dataset": "cifar100", "data_path": "data/"}
 DEFAULTS = dict(preset="cifar10", patch_out_dim=None, head_hidden_dim=2048, shared_head=True,
                 mask_ratios=(0.0, 0.3), mask_ratio_vars=(0.0, 0.2), mask_shape="block", centering="center",
-                pred_start_epoch=0, lambda1=1.0, lambda2=1.0, limit_per_class=None, download=False,
+                koleo=0.0, pred_start_epoch=0, lambda1=1.0, lambda2=1.0, limit_per_class=None, download=False,
                 output_dir="runs/ibot", seed=0, workers=None, device=None, precision=None, compile=False,
                 device_augment=False, budget=None, benchmark=0, knn_every=0, ckpt_every=1, resume=True, max_steps=None)
 
@@ -94,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       ("weight-decay-end", float), ("momentum-teacher", float), ("teacher-temp", float),
                       ("warmup-teacher-temp", float), ("warmup-teacher-temp-epochs", float), ("drop-path", float),
                       ("freeze-last-layer", int), ("clip-grad", float), ("pred-start-epoch", int),
-                      ("lambda1", float), ("lambda2", float), ("seed", int), ("workers", int), ("knn-every", int),
+                      ("lambda1", float), ("lambda2", float), ("koleo", float), ("seed", int), ("workers", int),
+                      ("knn-every", int),
                       ("ckpt-every", int), ("benchmark", int), ("max-steps", int)]:
         p.add_argument("--" + name, type=typ, default=S)
     for name in ["global-scale", "local-scale", "mask-ratios", "mask-ratio-vars"]:
@@ -395,7 +396,7 @@ def build_model(args) -> M.IBOT:
                        shared_head=args.shared_head, norm_last_layer=args.norm_last_layer,
                        head_hidden_dim=args.head_hidden_dim,
                        centering=args.centering, n_global_crops=2,
-                       n_local_crops=args.local_crops, lambda1=args.lambda1, lambda2=args.lambda2)
+                       n_local_crops=args.local_crops, lambda1=args.lambda1, lambda2=args.lambda2, koleo=args.koleo)
     return M.IBOT(cfg)
 
 

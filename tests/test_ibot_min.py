@@ -6,6 +6,7 @@ Everything is seeded; the whole file runs in well under a minute and a half on t
 
 import argparse
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -418,6 +419,72 @@ def test_loss_uses_the_centres_from_before_the_call():
     assert not close(first["loss"], second["loss"], 1e-6, 1e-6)  # the centres did move in between
     torch.testing.assert_close(loss.center.double(), ref2[3])
     torch.testing.assert_close(loss.patch_center.double(), ref2[4])
+
+
+def reference_koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """-1/n sum_i log(min_{j != i} ||x_i/|x_i| - x_j/|x_j|| + eps), one pair at a time, float64."""
+    x = x.double()
+    unit = [row / row.norm() for row in x]
+    terms = []
+    for i in range(len(unit)):
+        rho = min((unit[i] - unit[j]).norm() for j in range(len(unit)) if j != i)
+        terms.append(torch.log(rho + eps))
+    return -torch.stack(terms).mean()
+
+
+@FAST
+@given(n=st.integers(2, 12), D=st.integers(2, 8), seed=st.integers(0, 10**6))
+def test_koleo_matches_reference_with_gradients(n, D, seed):
+    x = torch.randn(n, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    fast_x, ref_x = x.clone().float().requires_grad_(), x.clone().requires_grad_()
+    fast, ref = im.koleo_loss(fast_x), reference_koleo(ref_x)
+    assert close(fast, ref, atol=1e-4, rtol=1e-4)
+    fast.backward()
+    ref.backward()
+    torch.testing.assert_close(fast_x.grad.double(), ref_x.grad, atol=1e-3, rtol=1e-3)
+
+
+@FAST
+@given(n=st.integers(3, 10), D=st.integers(2, 6), seed=st.integers(0, 10**6))
+def test_koleo_ignores_row_order_and_row_scale(n, D, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=gen)
+    scaled = x * (0.1 + 10 * torch.rand(n, 1, generator=gen))  # it sees directions only
+    permuted = x[torch.randperm(n, generator=gen)]
+    assert close(im.koleo_loss(x), im.koleo_loss(scaled), 1e-4, 1e-4)
+    assert close(im.koleo_loss(x), im.koleo_loss(permuted), 1e-5, 1e-5)
+
+
+def test_koleo_prefers_spread_features_and_its_gradient_spreads_them():
+    spread = torch.cat([torch.eye(4), -torch.eye(4)])  # 8 points as far apart as 4-d allows: rho = sqrt(2)
+    clustered = torch.ones(8, 4) + 0.05 * torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    assert close(im.koleo_loss(spread), -math.log(math.sqrt(2)), 1e-5, 1e-5)
+    assert im.koleo_loss(clustered) > im.koleo_loss(spread) + 1.0
+    x = clustered.clone().requires_grad_()
+    im.koleo_loss(x).backward()
+    with torch.no_grad():
+        stepped = x - 0.05 * x.grad
+    nearest = lambda y: torch.cdist(F.normalize(y, dim=-1), F.normalize(y, dim=-1)).fill_diagonal_(9).min(1).values
+    assert nearest(stepped).mean() > nearest(clustered).mean()  # a step down the loss moves neighbours apart
+    with pytest.raises(ValueError, match="n >= 2"):
+        im.koleo_loss(torch.randn(1, 4))
+
+
+def test_ibot_koleo_term_is_an_added_weighted_term():
+    global_crops, local_crops, masks = _batch(4)
+    plain_model = _tiny_model(shared_head=True, seed=5)
+    model = copy.deepcopy(plain_model)  # the same weights and centres, with the KoLeo term on
+    model.cfg = dataclasses.replace(model.cfg, koleo=0.3)
+    plain = plain_model(global_crops, local_crops, masks, 0.05, 0.06)
+    out = model(global_crops, local_crops, masks, 0.05, 0.06)
+    assert "koleo" not in plain  # off by default: the loss is iBOT's alone
+    cls_tokens = model.student.backbone(global_crops, mask=masks.flatten(1))[:, 0]  # (gB, D), crop-major
+    expected = (im.koleo_loss(cls_tokens[:2]) + im.koleo_loss(cls_tokens[2:])) / 2  # per global crop, B = 2
+    assert close(out["koleo"], expected, 1e-5, 1e-5)
+    assert close(out["cls"], plain["cls"], 1e-5, 1e-5) and close(out["patch"], plain["patch"], 1e-5, 1e-5)
+    assert close(out["loss"], plain["loss"] + 0.3 * expected, 1e-5, 1e-5)
+    with pytest.raises(ValueError, match="koleo"):
+        dataclasses.replace(model.cfg, koleo=-1.0)
 
 
 # ---------------------------------------------------------------------------------------------------
