@@ -44,16 +44,16 @@ import ibot_min as M
 
 SHARED_CIFAR10 = Path(__file__).resolve().parent.parent / "shared" / "data" / "cifar10" / "train"
 PRESETS = {
-    # A short CIFAR-10 run, the official recipe scaled to 32 px images (ViT-Tiny/4, 32 + 16 px crops, no blur).
-    # Not yet a recipe that learns in minutes: see the README's ablations. Warm-ups keep their fraction of
-    # the run under --budget.
+    # A short CIFAR-10 run: the official recipe scaled to 32 px images (ViT-Tiny/4, 32 + 16 px crops, no blur),
+    # plus DINOv2's KoLeo term (--koleo 1), the one change that paid in the README's ablations (measured on
+    # the CPU preset; not yet confirmed on a GPU). Warm-ups keep their fraction of the run under --budget.
     "cifar10": dict(dataset="imagefolder", data_path=str(SHARED_CIFAR10), holdout_per_class=500,
                     arch="vit_tiny", patch_size=4, global_size=32, local_size=16, local_crops=6,
                     global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), blur=False, out_dim=4096,
                     batch_size=256, epochs=100, lr=1e-3, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04,
                     weight_decay_end=0.4, momentum_teacher=0.99, teacher_temp=0.07, warmup_teacher_temp=0.04,
                     warmup_teacher_temp_epochs=30, drop_path=0.1, norm_last_layer=False, freeze_last_layer=1,
-                    clip_grad=3.0, knn_every=10),
+                    clip_grad=3.0, koleo=1.0, knn_every=10),
     # The official ViT-S/16 ImageNet-1K recipe (800 epochs, 16 GPUs x 64 in the paper's README).
     "imagenet-vit-s16": dict(dataset="imagefolder", data_path=None, holdout_per_class=0, arch="vit_small",
                              patch_size=16, global_size=224, local_size=96, local_crops=10, global_scale=(0.14, 1.0),
@@ -63,7 +63,7 @@ PRESETS = {
                              warmup_teacher_temp_epochs=30, drop_path=0.1, norm_last_layer=False,
                              freeze_last_layer=1, clip_grad=3.0, knn_every=0),
 }
-# The cifar10 recipe sized for a 2-core CPU: a smoke run (it has not beaten random init in 10 minutes; README).
+# The cifar10 recipe sized for a 2-core CPU. In 10 minutes here: kNN 35.8 against 29.3 at random init (README).
 # Batched augmentation beats two PIL loader workers there: 42 vs 18 img/s on the project's 2-core machine.
 PRESETS["cifar10-cpu"] = {**PRESETS["cifar10"], "arch": "vit_nano", "out_dim": 1024, "head_hidden_dim": 512,
                           "batch_size": 64, "device_augment": True}

@@ -41,11 +41,11 @@ def test_end_to_end_on_real_cifar(cifar_train, tmp_path):
     out = tmp_path / "run"
     summary = run(TINY + ["--global-size", "32", "--local-size", "16", "--data-path", str(cifar_train),
                           "--limit-per-class", "20", "--holdout-per-class", "10", "--batch-size", "50", "--epochs", "2",
-                          "--knn-every", "1", "--output-dir", str(out)])
+                          "--knn-every", "1", "--koleo", "0.5", "--output-dir", str(out)])
     init, *rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert init["step"] == 0 and 0 <= init["knn_top1"] <= 100  # the random-init baseline comes first
     assert [r["epoch"] for r in rows] == [1, 2] and summary["steps"] == 8
-    assert all(np.isfinite([r["loss"], r["cls"], r["patch"]]).all() for r in rows)
+    assert all(np.isfinite([r["loss"], r["cls"], r["patch"], r["koleo"]]).all() for r in rows)  # --koleo is on
     assert all(0 <= r["knn_top1"] <= 100 for r in rows)
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["step"] == 8 and ckpt["epoch"] == 2 and ckpt["config"]["arch"] == "vit_nano"
@@ -116,6 +116,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--dataset", "mnist"], "unknown dataset"),
     (["--batch-size", "64"], "fewer than one global batch"),
     (["--budget", "soon"], "budget must look like"),
+    (["--koleo", "-1"], "koleo is a loss weight"),
 ])
 def test_bad_input_gives_one_line_error(folder, tmp_path, capsys, argv, message):
     base = TINY + ["--data-path", str(folder), "--output-dir", str(tmp_path / "run")]
