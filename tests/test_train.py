@@ -116,7 +116,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--dataset", "mnist"], "unknown dataset"),
     (["--batch-size", "64"], "fewer than one global batch"),
     (["--budget", "soon"], "budget must look like"),
-    (["--koleo", "-1"], "koleo is a loss weight"),
+    (["--koleo", "-1", "--batch-size", "8"], "koleo is a loss weight"),
 ])
 def test_bad_input_gives_one_line_error(folder, tmp_path, capsys, argv, message):
     base = TINY + ["--data-path", str(folder), "--output-dir", str(tmp_path / "run")]
