@@ -653,8 +653,22 @@ def benchmark_summary(args, step_times, global_batch, device, step_flops) -> dic
         summary.update(device=name, peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30)
         if peak:
             summary["mfu"] = step_flops / step_s / peak
+    else:  # a CPU's roofline: what one large matmul reaches here, in the run's precision
+        summary["matmul_tflop_per_s"] = matmul_rate(torch.bfloat16 if args.precision == "bf16" else torch.float32)
+        summary["of_matmul"] = summary["tflop_per_s"] / summary["matmul_tflop_per_s"]
     print0(json.dumps(summary))
     return summary
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """TFLOP/s of an (n, n) @ (n, n) CPU matmul, median of `repeats` after one warm-up."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times[1:]) / 1e12
 
 
 def train_step(model, optimizer, scaler, autocast, params, last_layer, batch, s, device, clip_grad,

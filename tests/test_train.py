@@ -187,6 +187,8 @@ def test_benchmark_prints_json_line(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["img_per_s"] > 0 and result["steps"] == 2 and result["device"] == "cpu"
     assert result["precision"] in ("fp32", "bf16")
+    assert result["matmul_tflop_per_s"] > 0  # the CPU's roofline, printed beside the step's rate
+    assert result["of_matmul"] == pytest.approx(result["tflop_per_s"] / result["matmul_tflop_per_s"])
 
 
 def test_torchrun_two_processes_agree(folder, tmp_path):
