@@ -95,8 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       ("warmup-teacher-temp", float), ("warmup-teacher-temp-epochs", float), ("drop-path", float),
                       ("freeze-last-layer", int), ("clip-grad", float), ("pred-start-epoch", int),
                       ("lambda1", float), ("lambda2", float), ("koleo", float), ("seed", int), ("workers", int),
-                      ("knn-every", int),
-                      ("ckpt-every", int), ("benchmark", int), ("max-steps", int)]:
+                      ("knn-every", int), ("ckpt-every", int), ("benchmark", int), ("max-steps", int)]:
         p.add_argument("--" + name, type=typ, default=S)
     for name in ["global-scale", "local-scale", "mask-ratios", "mask-ratio-vars"]:
         p.add_argument("--" + name, type=float, nargs="+", default=S)

@@ -187,8 +187,9 @@ def test_benchmark_prints_json_line(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["img_per_s"] > 0 and result["steps"] == 2 and result["device"] == "cpu"
     assert result["precision"] in ("fp32", "bf16")
-    assert result["matmul_tflop_per_s"] > 0  # the CPU's roofline, printed beside the step's rate
-    assert result["of_matmul"] == pytest.approx(result["tflop_per_s"] / result["matmul_tflop_per_s"])
+    # the CPU's roofline beside the step's rate: a real measurement, and a tiny step reaches only part of it
+    assert result["matmul_tflop_per_s"] > 1e-3 and result["tflop_per_s"] > 0
+    assert 0 < result["of_matmul"] < 1
 
 
 def test_torchrun_two_processes_agree(folder, tmp_path):
