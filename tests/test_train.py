@@ -192,7 +192,6 @@ def test_benchmark_prints_json_line(capsys):
     assert 0 < result["of_matmul"] < 1
 
 
-
 def test_profile_script_prints_the_step_operators_and_the_benchmark(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "profile_step.py")] + TINY + ["--dataset", "synthetic",
                                                                               "--batch-size", "4"]
@@ -200,6 +199,7 @@ def test_profile_script_prints_the_step_operators_and_the_benchmark(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "aten::addmm" in proc.stdout and "Self CPU" in proc.stdout  # the profiled step's operator table
     assert json.loads(proc.stdout.strip().splitlines()[-1])["steps"] == 5  # and the benchmark ran on past it
+
 
 def test_torchrun_two_processes_agree(folder, tmp_path):
     out = tmp_path / "run"
