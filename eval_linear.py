@@ -34,8 +34,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torchvision.transforms as T
 
+import data as D
 import ibot_min as M
-import train
+from runtime import pick_device, print0, setup_distributed
 
 
 def default_probe(embed_dim: int) -> tuple[int, int]:
@@ -81,7 +82,7 @@ def progress(loader, what: str, every: int = 50):
     for i, batch in enumerate(loader, 1):
         yield batch
         if i % every == 0 or i == len(loader):
-            train.print0(f"{what}: {i}/{len(loader)} batches, {time.perf_counter() - t0:.0f}s")
+            print0(f"{what}: {i}/{len(loader)} batches, {time.perf_counter() - t0:.0f}s")
 
 
 @torch.no_grad()
@@ -114,14 +115,15 @@ def train_linear(batches, in_dim: int, num_classes: int, lr: float, epochs: int,
     nn.init.normal_(linear.weight, std=0.01)
     nn.init.zeros_(linear.bias)
     optimizer = torch.optim.SGD(linear.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    # several ranks: torch's DDP averages the gradients (each rank must feed the same number of batches)
+    ddp = nn.parallel.DistributedDataParallel(linear) if world > 1 else linear
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     for epoch in range(epochs):
         total, n = 0.0, 0
         for x, y in batches(epoch):
-            loss = nn.functional.cross_entropy(linear(x), y)
+            loss = nn.functional.cross_entropy(ddp(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            train.all_reduce_gradients(list(linear.parameters()), world)
             optimizer.step()
             schedule.step()
             total, n = total + loss.item(), n + 1
@@ -211,10 +213,10 @@ def datasets(args):
         if not (args.train_path and args.val_path) or args.dataset != "imagefolder":
             raise ValueError("--train-path and --val-path go together, with --dataset imagefolder")
         # each folder whole: its "train" split with no holdout
-        sets = [train.build_dataset("imagefolder", args.train_path, "train", 0, args.limit_per_class),
-                train.build_dataset("imagefolder", args.val_path, "train")]
+        sets = [D.build_dataset("imagefolder", args.train_path, "train", 0, args.limit_per_class),
+                D.build_dataset("imagefolder", args.val_path, "train")]
     else:
-        sets = [train.build_dataset(args.dataset, args.data_path, split, args.holdout_per_class, args.limit_per_class,
+        sets = [D.build_dataset(args.dataset, args.data_path, split, args.holdout_per_class, args.limit_per_class,
                                     args.download, synthetic_size=args.image_size) for split in ("train", "val")]
     if sets[0].classes != sets[1].classes:
         raise ValueError(f"train and val class folders differ: {sets[0].classes} vs {sets[1].classes}")
@@ -226,15 +228,15 @@ def datasets(args):
 
 def evaluate(args) -> dict:
     t_start = time.perf_counter()
-    args.device = train.pick_device(args.device)
-    rank, world, local_rank = train.setup_distributed(args)
+    args.device = pick_device(args.device)
+    rank, world, local_rank = setup_distributed(args)
     device = f"cuda:{local_rank}" if args.device == "cuda" else args.device
     torch.manual_seed(args.seed)
     backbone, config = load(args)
     backbone = backbone.to(device).eval().requires_grad_(False)  # frozen, and no drop path
     if args.image_size is None:
         small = args.dataset in ("cifar10", "cifar100", "synthetic")
-        args.image_size = config.get("img_size") or (32 if small else 224)
+        args.image_size = config.get("global_size") or config.get("img_size") or (32 if small else 224)  # ours, older
     if args.image_size % backbone.patch_size:
         raise ValueError(f"image size {args.image_size} is not divisible by the backbone's patch size "
                          f"{backbone.patch_size}")
@@ -248,7 +250,7 @@ def evaluate(args) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device == "cuda" else nullcontext()
 
     def loader(images, transform, training=False):
-        dataset, data = train.Transformed(images, transform), torch.utils.data
+        dataset, data = D.Transformed(images, transform), torch.utils.data
         if training:  # --full: a shuffled shard per rank, reshuffled every epoch
             sampler = data.DistributedSampler(dataset, world, rank, seed=args.seed) if world > 1 else \
                 data.RandomSampler(dataset)
@@ -259,10 +261,10 @@ def evaluate(args) -> dict:
 
     def features(images, what, fn):
         with autocast:
-            f, y = fn(progress(loader(images, train.eval_transform(args.image_size)), f"{what} features"))
+            f, y = fn(progress(loader(images, D.eval_transform(args.image_size)), f"{what} features"))
         return gather(f, world), gather(y, world)
 
-    train.print0(f"{args.checkpoint} ({args.which}): ViT {backbone.embed_dim} wide, {len(backbone.blocks)} blocks, "
+    print0(f"{args.checkpoint} ({args.which}): ViT {backbone.embed_dim} wide, {len(backbone.blocks)} blocks, "
                  f"patch {backbone.patch_size}, at {args.image_size} px; {args.dataset}: {len(train_set)} train, "
                  f"{len(val_set)} val images, {len(classes)} classes; {world} x {args.device}")
     result = dict(knn={}, linear={})
@@ -281,7 +283,7 @@ def evaluate(args) -> dict:
         def log(epoch, loss, linear):
             if (epoch + 1) % max(1, args.epochs // 10) == 0 or epoch + 1 == args.epochs or args.full:
                 top1, top5 = accuracy(linear, val_x, val_y)
-                train.print0(f"  epoch {epoch + 1}/{args.epochs} loss {loss:.4f} val top-1 {top1:.2f} top-5 {top5:.2f}")
+                print0(f"  epoch {epoch + 1}/{args.epochs} loss {loss:.4f} val top-1 {top1:.2f} top-5 {top5:.2f}")
 
         runs = {}
         if args.full:
@@ -304,7 +306,7 @@ def evaluate(args) -> dict:
             steps = -(-len(train_x) // args.batch_size)
             for base_lr in args.lrs or [args.lr]:
                 lr = base_lr * global_batch / 256
-                train.print0(f"linear probe on cached features, lr {lr:g}")
+                print0(f"linear probe on cached features, lr {lr:g}")
                 linear = train_linear(cached_batches(train_x, train_y, args.batch_size, args.seed), train_x.shape[1],
                                       len(classes), lr, args.epochs, steps, 1, log, device)
                 runs[lr] = accuracy(linear, val_x, val_y)

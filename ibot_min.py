@@ -22,7 +22,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageFilter
-from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
@@ -32,7 +31,7 @@ from torchvision.transforms import functional as TF
 
 # width / depth / heads of the standard ViTs; the standard ones use 64-wide heads.
 # Parameter counts are for the backbone at patch 16, 224 px (vit_nano: 0.8M at patch 4, 32 px).
-PRESETS = {
+ARCHS = {
     "vit_nano": dict(embed_dim=128, depth=4, num_heads=2),  # 0.8M, for CPU tests and smoke runs
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),  # 5.5M
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),  # 21.7M
@@ -45,18 +44,18 @@ PRESETS = {
 class IBOTConfig:
     """Everything that shapes the networks and the loss. Defaults: the official ViT-S/16 recipe."""
 
-    arch: str = "vit_small"  # a key of PRESETS
+    arch: str = "vit_small"  # a key of ARCHS
     patch_size: int = 16
-    img_size: int = 224  # global crop size; position embeddings are made for it and interpolated otherwise
-    drop_path_rate: float = 0.1  # student only; the teacher has none
+    global_size: int = 224  # global crop size; position embeddings are made for it and interpolated otherwise
+    drop_path: float = 0.1  # stochastic depth rate of the student's last block; the teacher has none
     out_dim: int = 8192  # K, prototypes for [CLS]
-    patch_out_dim: int = 8192  # K_p, prototypes for patches (must equal K with a shared head)
+    patch_out_dim: int | None = None  # K_p, prototypes for patches (None: K; must equal K with a shared head)
     shared_head: bool = True  # [CLS] and patches share prototypes, in student and teacher alike
     norm_last_layer: bool = False  # True freezes the weight-norm gain at 1 (DINO's stabiliser)
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
-    n_global_crops: int = 2  # g
-    n_local_crops: int = 10  # l
+    global_crops: int = 2  # g
+    local_crops: int = 10  # l
     student_temp: float = 0.1  # tau_s
     center_momentum: float = 0.9  # for c and c'
     lambda1: float = 1.0  # weight of L_cls
@@ -65,14 +64,16 @@ class IBOTConfig:
     koleo: float = 0.0  # weight of DINOv2's KoLeo term on the student's global [CLS] features (an extension; 0 = off)
 
     def __post_init__(self):
-        if self.arch not in PRESETS:
-            raise ValueError(f"unknown arch {self.arch!r}; expected one of {sorted(PRESETS)}")
+        if self.patch_out_dim is None:
+            self.patch_out_dim = self.out_dim
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; expected one of {sorted(ARCHS)}")
         if self.shared_head and self.patch_out_dim != self.out_dim:
             raise ValueError(f"a shared head needs patch_out_dim == out_dim, "
                              f"got {self.patch_out_dim} != {self.out_dim}")
-        if self.n_global_crops < 1 or self.n_global_crops + self.n_local_crops < 2:
-            raise ValueError(f"need >= 1 global crop and >= 2 crops in all, got g={self.n_global_crops}, "
-                             f"l={self.n_local_crops}")
+        if self.global_crops < 1 or self.global_crops + self.local_crops < 2:
+            raise ValueError(f"need >= 1 global crop and >= 2 crops in all, got g={self.global_crops}, "
+                             f"l={self.local_crops}")
         if self.koleo < 0:
             raise ValueError(f"koleo is a loss weight and must be >= 0, got {self.koleo}")
 
@@ -223,25 +224,25 @@ class VisionTransformer(nn.Module):
 
 def _vit(name):
     def build(patch_size: int = 16, **overrides) -> VisionTransformer:
-        return VisionTransformer(patch_size=patch_size, **{**PRESETS[name], **overrides})
+        return VisionTransformer(patch_size=patch_size, **{**ARCHS[name], **overrides})
     build.__name__ = name
-    build.__doc__ = f"{name}: {PRESETS[name]}; any VisionTransformer argument can be overridden."
+    build.__doc__ = f"{name}: {ARCHS[name]}; any VisionTransformer argument can be overridden."
     return build
 
 
-vit_nano, vit_tiny, vit_small, vit_base, vit_large = (_vit(n) for n in PRESETS)
+vit_nano, vit_tiny, vit_small, vit_base, vit_large = (_vit(n) for n in ARCHS)
 
 
 # ---------------------------------------------------------------------------------------------------
 # ---- masking (which patches the student sees as [MASK]) ----
 
 
-def _uniform(a: float, b: float, g: torch.Generator | None) -> float:
-    return a + (b - a) * torch.rand((), generator=g).item()
+def _uniform(a: float, b: float, gen: torch.Generator | None) -> float:
+    return a + (b - a) * torch.rand((), generator=gen).item()
 
 
-def _randint(low: int, high: int, g: torch.Generator | None) -> int:  # inclusive bounds, like random.randint
-    return int(torch.randint(low, high + 1, (), generator=g))
+def _randint(low: int, high: int, gen: torch.Generator | None) -> int:  # inclusive bounds, like random.randint
+    return int(torch.randint(low, high + 1, (), generator=gen))
 
 
 def block_mask(height: int, width: int, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -307,70 +308,6 @@ def sample_masks(n_crops: int, height: int, width: int, ratios=(0.0, 0.3), ratio
     fn = block_mask if shape == "block" else random_mask
     return torch.stack([fn(height, width, sample_ratio(ratios, ratio_vars, generator), generator)
                         for _ in range(n_crops)])
-
-
-def sample_ratios(n: int, ratios=(0.0, 0.3), ratio_vars=(0.0, 0.2), generator: torch.Generator | None = None,
-                  device="cpu") -> torch.Tensor:
-    """sample_ratio for n crops at once -> (n,) float."""
-    lo = torch.tensor([r - v for r, v in zip(ratios, ratio_vars)], device=device)
-    hi = torch.tensor([r + v for r, v in zip(ratios, ratio_vars)], device=device)
-    pick = torch.randint(len(ratios), (n,), generator=generator, device=device)
-    return lo[pick] + (hi[pick] - lo[pick]) * torch.rand(n, generator=generator, device=device)
-
-
-def block_masks_batched(ratios: torch.Tensor, height: int, width: int,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """block_mask for a batch of crops at once, on the ratios' device -> (n, height, width) bool.
-
-    The same distribution as block_mask: each round tries 10 rectangles per mask against the same mask, so
-    they are drawn together and the first that fits is kept (failed tries change nothing, so order is kept)."""
-    n, dev = ratios.shape[0], ratios.device
-    mask = torch.zeros(n, height, width, dtype=torch.bool, device=dev)
-    target, count = ratios.float() * height * width, torch.zeros(n, device=dev)
-    min_area = (min(height, width) // 3) ** 2
-    rows = torch.arange(height, device=dev)[None, :, None]
-    cols = torch.arange(width, device=dev)[None, None, :]
-
-    def rand():
-        return torch.rand(n, 10, generator=generator, device=dev)
-
-    active = count < target
-    while bool(active.any()):  # one round per rectangle; a few rounds per batch
-        room = (target - count)[:, None]  # (n, 1)
-        area = min_area + (room - min_area) * rand()
-        aspect = torch.exp(math.log(0.3) + 2 * math.log(1 / 0.3) * rand())
-        bh, bw = torch.round(torch.sqrt(area * aspect)).long(), torch.round(torch.sqrt(area / aspect)).long()
-        fits = (bh < height) & (bw < width)
-        top = (rand() * (height - bh + 1).clamp(min=1)).long()
-        left = (rand() * (width - bw + 1).clamp(min=1)).long()
-        # patches already masked inside each rectangle, from an integral image: (n, 10)
-        integral = F.pad(mask.long().cumsum(1).cumsum(2), (1, 0, 1, 0))
-        bottom, right = (top + bh).clamp(max=height), (left + bw).clamp(max=width)
-
-        def at(i, j):
-            return integral.flatten(1).gather(1, i * (width + 1) + j)
-
-        new = bh * bw - (at(bottom, right) - at(top, right) - at(bottom, left) + at(top, left))
-        ok = fits & (new > 0) & (new <= room) & active[:, None]
-        first = ok.float().argmax(1, keepdim=True)  # the first try that fits
-        added = ok.any(1)
-
-        def pick(t):
-            return t.gather(1, first)[:, :, None]  # (n, 1, 1)
-
-        rect = (rows >= pick(top)) & (rows < pick(bottom)) & (cols >= pick(left)) & (cols < pick(right))
-        mask |= rect & added[:, None, None]
-        count += torch.where(added, new.gather(1, first)[:, 0], 0).float()
-        active = added & (count < target)
-    return mask
-
-
-def random_masks_batched(ratios: torch.Tensor, height: int, width: int,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
-    """random_mask for a batch: exactly int(r * h * w) patches each -> (n, height, width) bool."""
-    n, N = ratios.shape[0], height * width
-    rank = torch.rand(n, N, generator=generator, device=ratios.device).argsort(1).argsort(1)
-    return (rank < (ratios * N).long()[:, None]).view(n, height, width)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -628,47 +565,57 @@ def random_resized_crop_params(width: int, height: int, scale, ratio=(3 / 4, 4 /
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+@dataclass
 class MultiCropAugmentation:
     """PIL image -> (g global + l local crops as normalised tensors, (g, h, w) bool masks of the global crops).
+    Its fields are the views' whole configuration (train.py makes a flag of each).
 
     Every random draw comes from the generator passed in, so a (seed, epoch, index) generator redraws the
     same views. Blur probabilities: 1.0 on the first global crop, 0.1 on the others, 0.5 on locals;
     solarisation (p 0.2) on the global crops after the first only.
     """
 
-    def __init__(self, global_size=224, local_size=96, n_global_crops=2, n_local_crops=10,
-                 global_scale=(0.14, 1.0), local_scale=(0.05, 0.4), blur=True, patch_size=16,
-                 mask_ratios=(0.0, 0.3), mask_ratio_vars=(0.0, 0.2), mask_shape="block", mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD):
-        if global_size % patch_size:
-            raise ValueError(f"global crop size {global_size} is not divisible by patch size {patch_size}")
-        self.global_size, self.local_size = global_size, local_size
-        self.n_global_crops, self.n_local_crops = n_global_crops, n_local_crops
-        self.global_scale, self.local_scale, self.blur = tuple(global_scale), tuple(local_scale), blur
-        self.grid = global_size // patch_size
-        self.mask_ratios, self.mask_ratio_vars, self.mask_shape = tuple(mask_ratios), tuple(mask_ratio_vars), mask_shape
-        self.mean, self.std = list(mean), list(std)
+    global_size: int = 224  # pixels
+    local_size: int = 96
+    global_crops: int = 2  # g
+    local_crops: int = 10  # l
+    global_scale: tuple[float, float] = (0.14, 1.0)  # RandomResizedCrop's area range
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    blur: bool = True
+    patch_size: int = 16  # the masks' grid is global_size / patch_size
+    mask_ratios: tuple[float, ...] = (0.0, 0.3)  # r ~ U(ratio - var, ratio + var) for one pair chosen at random
+    mask_ratio_vars: tuple[float, ...] = (0.0, 0.2)
+    mask_shape: str = "block"  # "block" (BEiT's blockwise) or "rand"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
-    def view(self, img: Image.Image, size: int, scale, p_blur: float, p_solarize: float, g) -> torch.Tensor:
-        top, left, h, w = random_resized_crop_params(*img.size, scale, generator=g)
+    def __post_init__(self):
+        if self.global_size % self.patch_size:
+            raise ValueError(f"global crop size {self.global_size} is not divisible by patch size {self.patch_size}")
+        self.global_scale, self.local_scale = tuple(self.global_scale), tuple(self.local_scale)
+        self.mask_ratios, self.mask_ratio_vars = tuple(self.mask_ratios), tuple(self.mask_ratio_vars)
+        self.grid = self.global_size // self.patch_size
+
+    def view(self, img: Image.Image, size: int, scale, p_blur: float, p_solarize: float, gen) -> torch.Tensor:
+        top, left, h, w = random_resized_crop_params(*img.size, scale, generator=gen)
         img = TF.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BICUBIC)
-        if _uniform(0, 1, g) < 0.5:
+        if _uniform(0, 1, gen) < 0.5:
             img = TF.hflip(img)
-        if _uniform(0, 1, g) < 0.8:  # colour jitter (0.4, 0.4, 0.2, 0.1) in random order
-            for op in torch.randperm(4, generator=g).tolist():
+        if _uniform(0, 1, gen) < 0.8:  # colour jitter (0.4, 0.4, 0.2, 0.1) in random order
+            for op in torch.randperm(4, generator=gen).tolist():
                 if op == 0:
-                    img = TF.adjust_brightness(img, _uniform(0.6, 1.4, g))
+                    img = TF.adjust_brightness(img, _uniform(0.6, 1.4, gen))
                 elif op == 1:
-                    img = TF.adjust_contrast(img, _uniform(0.6, 1.4, g))
+                    img = TF.adjust_contrast(img, _uniform(0.6, 1.4, gen))
                 elif op == 2:
-                    img = TF.adjust_saturation(img, _uniform(0.8, 1.2, g))
+                    img = TF.adjust_saturation(img, _uniform(0.8, 1.2, gen))
                 else:
-                    img = TF.adjust_hue(img, _uniform(-0.1, 0.1, g))
-        if _uniform(0, 1, g) < 0.2:
+                    img = TF.adjust_hue(img, _uniform(-0.1, 0.1, gen))
+        if _uniform(0, 1, gen) < 0.2:
             img = TF.rgb_to_grayscale(img, num_output_channels=3)
-        if self.blur and _uniform(0, 1, g) < p_blur:
-            img = img.filter(ImageFilter.GaussianBlur(radius=_uniform(0.1, 2.0, g)))
-        if _uniform(0, 1, g) < p_solarize:
+        if self.blur and _uniform(0, 1, gen) < p_blur:
+            img = img.filter(ImageFilter.GaussianBlur(radius=_uniform(0.1, 2.0, gen)))
+        if _uniform(0, 1, gen) < p_solarize:
             img = TF.solarize(img, 128)
         return TF.normalize(TF.to_tensor(img), self.mean, self.std)
 
@@ -676,137 +623,44 @@ class MultiCropAugmentation:
                  masking: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
         """masking=False (before pred_start_epoch) gives empty masks."""
         img = img.convert("RGB")
-        g = generator
-        crops = [self.view(img, self.global_size, self.global_scale, 1.0 if i == 0 else 0.1, 0.0 if i == 0 else 0.2, g)
-                 for i in range(self.n_global_crops)]
-        crops += [self.view(img, self.local_size, self.local_scale, 0.5, 0.0, g) for _ in range(self.n_local_crops)]
+        gen = generator
+        crops = [self.view(img, self.global_size, self.global_scale, 1.0 if i == 0 else 0.1, 0.0 if i == 0 else 0.2, gen)
+                 for i in range(self.global_crops)]
+        crops += [self.view(img, self.local_size, self.local_scale, 0.5, 0.0, gen) for _ in range(self.local_crops)]
         if masking:
-            masks = sample_masks(self.n_global_crops, self.grid, self.grid, self.mask_ratios, self.mask_ratio_vars,
-                                 self.mask_shape, g)
+            masks = sample_masks(self.global_crops, self.grid, self.grid, self.mask_ratios, self.mask_ratio_vars,
+                                 self.mask_shape, gen)
         else:
-            masks = torch.zeros(self.n_global_crops, self.grid, self.grid, dtype=torch.bool)
+            masks = torch.zeros(self.global_crops, self.grid, self.grid, dtype=torch.bool)
         return crops, masks
-
-
-def _gray(x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 1, H, W), ITU-R 601 luma as torchvision
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-
-
-def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of (B, 3, H, W) images in [0, 1] by shift (B,) turns, through HSV."""
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
-    delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    r, g, b = x.unbind(1)
-    h = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
-    h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
-    h = (h + shift[:, None, None]) % 1.0
-    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
-    v = maxc
-    k = (torch.stack([5.0 + 6 * h, 3.0 + 6 * h, 1.0 + 6 * h], 1)) % 6  # HSV -> RGB without branches
-    return v[:, None] - v[:, None] * s[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
-
-
-def colour_jitter(x, brightness, contrast, saturation, hue):
-    """torchvision's four jitter operations with per-image factors (B,), in this fixed order."""
-    def blend(a, b, f):
-        return (f[:, None, None, None] * a + (1 - f[:, None, None, None]) * b).clamp(0, 1)
-
-    x = (x * brightness[:, None, None, None]).clamp(0, 1)
-    x = blend(x, _gray(x).mean((1, 2, 3), keepdim=True), contrast)
-    x = blend(x, _gray(x), saturation)
-    return _shift_hue(x, hue)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Separable Gaussian blur with a per-image sigma (B,); reflect padding."""
-    B, C, H, W = x.shape
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-t[None] ** 2 / (2 * sigma[:, None].to(x.dtype) ** 2))
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, 2r+1)
-    y = F.pad(x.reshape(1, B * C, H, W), (radius, radius, radius, radius), mode="reflect")
-    y = F.conv2d(y, k[:, None, None, :], groups=B * C)
-    return F.conv2d(y, k[:, None, :, None], groups=B * C).view(B, C, H, W)
-
-
-class BatchedMultiCrop:
-    """MultiCropAugmentation for a whole batch of uint8 images at once, on their device (the GPU data path).
-
-    The same distributions, drawn from one generator. Named deviations: crops are resized by bilinear
-    roi_align rather than bicubic, the colour-jitter operations run in a fixed order rather than a random one,
-    and the blur is a sampled Gaussian kernel of radius 3 sigma_max rather than PIL's."""
-
-    def __init__(self, aug: MultiCropAugmentation):
-        self.aug = aug
-
-    def _uniform(self, n, a, b, g, device):
-        return a + (b - a) * torch.rand(n, generator=g, device=device)
-
-    def crop_boxes(self, n: int, height: int, width: int, scale, g, device) -> torch.Tensor:
-        """random_resized_crop_params for n crops -> (n, 4) boxes (x1, y1, x2, y2) in pixels."""
-        area = height * width
-        s = scale[0] + (scale[1] - scale[0]) * torch.rand(n, 10, generator=g, device=device)
-        log_r = math.log(3 / 4) + math.log(16 / 9) * torch.rand(n, 10, generator=g, device=device)
-        w = torch.round(torch.sqrt(area * s * log_r.exp()))
-        h = torch.round(torch.sqrt(area * s / log_r.exp()))
-        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-        first = ok.float().argmax(1, keepdim=True)
-        # no try fits: the whole image (the centre-crop fallback for images of aspect ratio within [3/4, 4/3])
-        w = torch.where(ok.any(1), w.gather(1, first)[:, 0], float(width))
-        h = torch.where(ok.any(1), h.gather(1, first)[:, 0], float(height))
-        top = torch.floor(torch.rand(n, generator=g, device=device) * (height - h + 1))
-        left = torch.floor(torch.rand(n, generator=g, device=device) * (width - w + 1))
-        return torch.stack([left, top, left + w, top + h], 1)
-
-    def views(self, x: torch.Tensor, size: int, scale, p_blur: float, p_solarize: float, g) -> torch.Tensor:
-        """float images in [0, 1] (B, 3, H, W) -> one augmented view each, (B, 3, size, size), not yet normalised."""
-        B, dev = x.shape[0], x.device
-        boxes = self.crop_boxes(B, x.shape[-2], x.shape[-1], scale, g, dev)
-        rois = torch.cat([torch.arange(B, device=dev, dtype=x.dtype)[:, None], boxes.to(x.dtype)], 1)
-        v = roi_align(x, rois, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)  # (B, 3, S, S)
-
-        def coin(p):
-            return torch.rand(B, generator=g, device=dev) < p
-
-        v = torch.where(coin(0.5)[:, None, None, None], v.flip(-1), v)
-        jitter = coin(0.8)  # a neutral factor leaves an image unchanged
-        ones = torch.ones(B, device=dev)
-        v = colour_jitter(v, torch.where(jitter, self._uniform(B, 0.6, 1.4, g, dev), ones),
-                          torch.where(jitter, self._uniform(B, 0.6, 1.4, g, dev), ones),
-                          torch.where(jitter, self._uniform(B, 0.8, 1.2, g, dev), ones),
-                          torch.where(jitter, self._uniform(B, -0.1, 0.1, g, dev), 0 * ones))
-        v = torch.where(coin(0.2)[:, None, None, None], _gray(v).expand_as(v), v)
-        if self.aug.blur and p_blur > 0:
-            blurred = gaussian_blur(v, self._uniform(B, 0.1, 2.0, g, dev), radius=min(6, size // 2 - 1))
-            v = torch.where(coin(p_blur)[:, None, None, None], blurred, v)
-        if p_solarize > 0:
-            v = torch.where(coin(p_solarize)[:, None, None, None] & (v >= 128 / 255), 1 - v, v)
-        return v
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None, masking: bool = True):
-        """uint8 images (B, 3, H, W) -> global (g*B, 3, G, G), local (l*B, 3, L, L) or None, masks (g*B, N);
-        crop-major, as the loader's collate gives them."""
-        a, g = self.aug, generator
-        x = images.float() / 255
-        mean = torch.tensor(a.mean, device=x.device)[None, :, None, None]
-        std = torch.tensor(a.std, device=x.device)[None, :, None, None]
-        glob = torch.cat([self.views(x, a.global_size, a.global_scale, 1.0 if i == 0 else 0.1,
-                                     0.0 if i == 0 else 0.2, g) for i in range(a.n_global_crops)])
-        glob = (glob - mean) / std
-        local = (torch.cat([self.views(x, a.local_size, a.local_scale, 0.5, 0.0, g) for _ in range(a.n_local_crops)])
-                 - mean) / std if a.n_local_crops else None
-        n = glob.shape[0]
-        ratios = sample_ratios(n, a.mask_ratios, a.mask_ratio_vars, g, x.device)
-        if not masking:
-            ratios = torch.zeros_like(ratios)
-        make = block_masks_batched if a.mask_shape == "block" else random_masks_batched
-        return glob, local, make(ratios, a.grid, a.grid, g).flatten(1)
 
 
 # ---------------------------------------------------------------------------------------------------
 # ---- the training-step module: student, teacher (the online tokenizer), loss ----
+
+
+class MultiCropStudent(nn.Module):
+    """The student side of a step as one module (as DINO's MultiCropWrapper), so DistributedDataParallel can
+    wrap it: the backbone on the masked global crops and on the local crops, the head where the loss reads it."""
+
+    def __init__(self, backbone: VisionTransformer, head: IBOTHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor):
+        """global_crops (gB, C, H, W), local_crops (lB, C, h, w) or None, masks (gB, N) bool ->
+        [CLS] logits ((g+l)B, K), masked patch logits (M, K_p) in row-major order of masks, and the global
+        crops' backbone [CLS] tokens (gB, D)."""
+        tokens = self.backbone(global_crops, mask=masks)  # (gB, 1+N, D)
+        cls_tokens = [tokens[:, 0]]
+        if local_crops is not None and local_crops.numel():
+            cls_tokens.append(self.backbone(local_crops)[:, 0])  # local crops: only [CLS] is read
+        cls_tokens = torch.cat(cls_tokens)  # ((g+l)B, D)
+        # The head runs only where the loss reads it: every [CLS] and the masked student patches (named
+        # deviation: the official code projects every token). One pass through the MLP for both.
+        masked_tokens = tokens[:, 1:][masks]  # (M, D)
+        z = self.head.project(torch.cat([cls_tokens, masked_tokens]))
+        return self.head.cls_logits(z[:len(cls_tokens)]), self.head.patch_logits(z[len(cls_tokens):]), tokens[:, 0]
 
 
 class IBOT(nn.Module):
@@ -815,46 +669,43 @@ class IBOT(nn.Module):
     def __init__(self, cfg: IBOTConfig):
         super().__init__()
         self.cfg = cfg
-        arch = PRESETS[cfg.arch]
-
-        def net(drop_path_rate, masked_embed):
-            backbone = VisionTransformer(cfg.img_size, cfg.patch_size, drop_path_rate=drop_path_rate,
-                                         masked_embed=masked_embed, **arch)
-            head = IBOTHead(arch["embed_dim"], cfg.out_dim, cfg.patch_out_dim, cfg.shared_head, cfg.norm_last_layer,
-                            cfg.head_hidden_dim, cfg.head_bottleneck_dim)
-            return nn.ModuleDict(dict(backbone=backbone, head=head))
-
-        self.student = net(cfg.drop_path_rate, masked_embed=True)
-        self.teacher = net(0.0, masked_embed=False)
+        self.student = MultiCropStudent(self._backbone(cfg, cfg.drop_path, masked_embed=True), self._head(cfg))
+        self.teacher = nn.ModuleDict(dict(backbone=self._backbone(cfg, 0.0, masked_embed=False), head=self._head(cfg)))
         ema_update(self.teacher, self.student, 0.0)  # the teacher starts as a copy of the student
         self.teacher.requires_grad_(False)
-        self.loss = IBOTLoss(cfg.out_dim, cfg.patch_out_dim, cfg.n_global_crops, cfg.n_local_crops, cfg.student_temp,
-                             cfg.center_momentum, cfg.center_momentum, cfg.lambda1, cfg.lambda2, cfg.centering)
+        self.loss = IBOTLoss(out_dim=cfg.out_dim, patch_out_dim=cfg.patch_out_dim, n_global_crops=cfg.global_crops,
+                             n_local_crops=cfg.local_crops, student_temp=cfg.student_temp,
+                             center_momentum=cfg.center_momentum, patch_center_momentum=cfg.center_momentum,
+                             lambda1=cfg.lambda1, lambda2=cfg.lambda2, centering=cfg.centering)
+
+    @staticmethod
+    def _backbone(cfg: IBOTConfig, drop_path: float, masked_embed: bool) -> VisionTransformer:
+        return VisionTransformer(img_size=cfg.global_size, patch_size=cfg.patch_size, drop_path_rate=drop_path,
+                                 masked_embed=masked_embed, **ARCHS[cfg.arch])
+
+    @staticmethod
+    def _head(cfg: IBOTConfig) -> "IBOTHead":
+        return IBOTHead(ARCHS[cfg.arch]["embed_dim"], out_dim=cfg.out_dim, patch_out_dim=cfg.patch_out_dim,
+                        shared=cfg.shared_head, norm_last_layer=cfg.norm_last_layer, hidden_dim=cfg.head_hidden_dim,
+                        bottleneck_dim=cfg.head_bottleneck_dim)
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor,
-                teacher_temp: float, teacher_patch_temp: float) -> dict[str, torch.Tensor]:
-        """One training step's loss.
-        global_crops (g*B, C, H, W), local_crops (l*B, C, h, w) or None, masks (g*B, N) bool; crop-major."""
+                teacher_temp: float, teacher_patch_temp: float, student: nn.Module | None = None
+                ) -> dict[str, torch.Tensor]:
+        """One training step's loss -> {"cls", "patch", "loss"} (+ "koleo" when on).
+        global_crops (g*B, C, H, W), local_crops (l*B, C, h, w) or None, masks (g*B, N) bool; crop-major.
+        `student`: the module to run as the student, such as a DistributedDataParallel wrapper of
+        self.student (default: self.student itself)."""
         if masks.ndim == 3:  # (gB, h, w) -> (gB, N), row-major
             masks = masks.flatten(1)
         with torch.no_grad():  # the online tokenizer: all tokens, since c' averages over every patch
             teacher_cls, teacher_patch = self.teacher.head(self.teacher.backbone(global_crops))
-        tokens = self.student.backbone(global_crops, mask=masks)  # (gB, 1+N, D)
-        cls_tokens = [tokens[:, 0]]
-        if local_crops is not None and local_crops.numel():
-            cls_tokens.append(self.student.backbone(local_crops)[:, 0])  # local crops: only [CLS] is read
-        cls_tokens = torch.cat(cls_tokens)  # ((g+l)B, D)
-        # The head runs only where the loss reads it: every [CLS] and the masked student patches (named
-        # deviation: the official code projects every token). One pass through the MLP for both.
-        masked_tokens = tokens[:, 1:][masks]  # (M, D)
-        z = self.student.head.project(torch.cat([cls_tokens, masked_tokens]))
-        student_cls = self.student.head.cls_logits(z[:len(cls_tokens)])
-        student_patch = self.student.head.patch_logits(z[len(cls_tokens):])
+        student_cls, student_patch, global_cls_tokens = (self.student if student is None else student)(global_crops, local_crops, masks)
         out = self.loss.forward_masked(student_cls, student_patch, teacher_cls, teacher_patch, masks,
                                        teacher_temp, teacher_patch_temp)
         if self.cfg.koleo:  # optional: each global crop's batch of backbone [CLS] features spread apart
-            g = self.cfg.n_global_crops
-            out["koleo"] = sum(koleo_loss(c) for c in tokens[:, 0].chunk(g)) / g
+            g = self.cfg.global_crops
+            out["koleo"] = sum(koleo_loss(c) for c in global_cls_tokens.chunk(g)) / g
             out["loss"] = out["loss"] + self.cfg.koleo * out["koleo"]
         return out
 
@@ -866,7 +717,7 @@ class IBOT(nn.Module):
         our plain-dict config, so official tools read our files and ours read theirs."""
         return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                 "ibot_loss": {"center": self.loss.center, "center2": self.loss.patch_center},
-                "config": {**asdict(self.cfg), **PRESETS[self.cfg.arch]}}
+                "config": {**asdict(self.cfg), **ARCHS[self.cfg.arch]}}
 
     def load_checkpoint(self, ckpt: dict) -> None:
         self.student.load_state_dict(ckpt["student"])

@@ -9,13 +9,14 @@ import torchvision.transforms.functional as TF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import batched_views as BV
 import ibot_min as M
 
 
 @pytest.mark.parametrize("side, ratio", [(14, 0.1), (14, 0.3), (8, 0.2), (8, 0.5)])
 def test_batched_block_masks_match_the_sequential_distribution(side, ratio):
     g = torch.Generator().manual_seed(0)
-    batched = M.block_masks_batched(torch.full((2000,), ratio), side, side, g)
+    batched = BV.block_masks_batched(torch.full((2000,), ratio), side, side, g)
     sequential = torch.stack([M.block_mask(side, side, ratio, g) for _ in range(600)])
     assert (batched.flatten(1).sum(1) <= ratio * side * side).all()
     assert abs(batched.float().mean() - sequential.float().mean()) < 0.01
@@ -33,11 +34,11 @@ def test_batched_block_masks_match_the_sequential_distribution(side, ratio):
 
 def test_batched_masks_edge_cases():
     g = torch.Generator().manual_seed(1)
-    assert not M.block_masks_batched(torch.zeros(5), 8, 8, g).any()
+    assert not BV.block_masks_batched(torch.zeros(5), 8, 8, g).any()
     ratios = torch.tensor([0.0, 0.1, 0.25, 0.49])
-    counts = M.random_masks_batched(ratios, 8, 8, g).flatten(1).sum(1)
+    counts = BV.random_masks_batched(ratios, 8, 8, g).flatten(1).sum(1)
     assert counts.tolist() == [int(r * 64) for r in ratios.tolist()]
-    r = M.sample_ratios(4000, (0.0, 0.3), (0.0, 0.2), g)
+    r = BV.sample_ratios(4000, (0.0, 0.3), (0.0, 0.2), g)
     assert 0.45 < (r == 0).float().mean() < 0.55 and ((r == 0) | ((r >= 0.1) & (r <= 0.5))).all()
 
 
@@ -46,25 +47,25 @@ def test_batched_masks_edge_cases():
 def test_colour_jitter_matches_torchvision(b, c, s, h, seed):
     x = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
     ref = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[0], b), c), s), h)
-    ours = M.colour_jitter(x, torch.tensor([b]), torch.tensor([c]), torch.tensor([s]), torch.tensor([h]))[0]
+    ours = BV.colour_jitter(x, torch.tensor([b]), torch.tensor([c]), torch.tensor([s]), torch.tensor([h]))[0]
     assert torch.allclose(ours, ref, atol=1e-4)
 
 
 def test_gaussian_blur_matches_torchvision_and_keeps_constants():
     x = torch.rand(2, 3, 16, 16)
     sigma = torch.tensor([0.7, 1.5])
-    ours = M.gaussian_blur(x, sigma, radius=4)
+    ours = BV.gaussian_blur(x, sigma, radius=4)
     for i in range(2):
         ref = TF.gaussian_blur(x[i], kernel_size=9, sigma=float(sigma[i]))
         assert torch.allclose(ours[i], ref, atol=1e-5)
     flat = torch.full((1, 3, 8, 8), 0.3)
-    assert torch.allclose(M.gaussian_blur(flat, torch.tensor([2.0]), radius=3), flat)
+    assert torch.allclose(BV.gaussian_blur(flat, torch.tensor([2.0]), radius=3), flat)
 
 
 def test_crop_boxes_follow_random_resized_crop():
     g = torch.Generator().manual_seed(2)
-    aug = M.MultiCropAugmentation(32, 16, 2, 2, patch_size=4, blur=False)
-    boxes = M.BatchedMultiCrop(aug).crop_boxes(4000, 32, 32, (0.14, 1.0), g, "cpu")
+    aug = M.MultiCropAugmentation(global_size=32, local_size=16, global_crops=2, local_crops=2, patch_size=4, blur=False)
+    boxes = BV.BatchedMultiCrop(aug).crop_boxes(4000, 32, 32, (0.14, 1.0), g, "cpu")
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 32).all() and (boxes[:, 3] <= 32).all()
     ref = torch.tensor([M.random_resized_crop_params(32, 32, (0.14, 1.0), generator=g)[2:] for _ in range(4000)],
@@ -78,7 +79,7 @@ def test_crop_boxes_follow_random_resized_crop():
 
 def test_batched_multicrop_shapes_statistics_and_seeding():
     aug = M.MultiCropAugmentation(32, 16, 2, 3, patch_size=4, blur=True)
-    views = M.BatchedMultiCrop(aug)
+    views = BV.BatchedMultiCrop(aug)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     glob, local, masks = views(images, torch.Generator().manual_seed(5))
     assert glob.shape == (16, 3, 32, 32) and local.shape == (24, 3, 16, 16) and masks.shape == (16, 64)
@@ -92,7 +93,7 @@ def test_batched_multicrop_shapes_statistics_and_seeding():
     globals_only = M.MultiCropAugmentation(32, 16, 1, 0, patch_size=4, blur=True)
     g = torch.Generator().manual_seed(6)
     cpu = torch.stack([globals_only(img, g)[0][0] for _ in range(300)])
-    gpu = M.BatchedMultiCrop(globals_only)(images[:1].expand(300, -1, -1, -1), torch.Generator().manual_seed(7))[0]
+    gpu = BV.BatchedMultiCrop(globals_only)(images[:1].expand(300, -1, -1, -1), torch.Generator().manual_seed(7))[0]
     assert torch.allclose(cpu.mean((0, 2, 3)), gpu.mean((0, 2, 3)), atol=0.08)
     assert torch.allclose(cpu.std((0, 2, 3)), gpu.std((0, 2, 3)), atol=0.08)
 
@@ -130,12 +131,12 @@ def test_sinkhorn_loss_uses_balanced_targets():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_step_matches_cpu_fp32():
     torch.manual_seed(0)
-    cfg = M.IBOTConfig(arch="vit_nano", patch_size=4, img_size=32, out_dim=256, patch_out_dim=256, n_local_crops=2,
-                       drop_path_rate=0.0)
+    cfg = M.IBOTConfig(arch="vit_nano", patch_size=4, global_size=32, out_dim=256, patch_out_dim=256, local_crops=2,
+                       drop_path=0.0)
     model = M.IBOT(cfg)
-    aug = M.MultiCropAugmentation(32, 16, 2, 2, patch_size=4, blur=False)
+    aug = M.MultiCropAugmentation(global_size=32, local_size=16, global_crops=2, local_crops=2, patch_size=4, blur=False)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    glob, local, masks = M.BatchedMultiCrop(aug)(images, torch.Generator().manual_seed(0))
+    glob, local, masks = BV.BatchedMultiCrop(aug)(images, torch.Generator().manual_seed(0))
     cpu = model(glob, local, masks, 0.04, 0.04)["loss"]
     model.cuda()
     model.loss.center.zero_()
@@ -144,5 +145,5 @@ def test_cuda_bf16_step_matches_cpu_fp32():
         gpu = model(glob.cuda(), local.cuda(), masks.cuda(), 0.04, 0.04)["loss"]
     assert math.isclose(float(cpu), float(gpu), rel_tol=0.02)
     g = torch.Generator(device="cuda").manual_seed(0)
-    out = M.BatchedMultiCrop(aug)(images.cuda(), g)
+    out = BV.BatchedMultiCrop(aug)(images.cuda(), g)
     assert out[0].is_cuda and out[2].shape == (32, 64)

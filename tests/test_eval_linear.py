@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval_linear as el
-import ibot_min as im
+import ibot_min as M
 import train
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train"
@@ -27,9 +27,9 @@ CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar1
 def _our_checkpoint(path: Path, seed: int = 0) -> Path:
     """A random-weight checkpoint in our format: ViT-nano, patch 8, 32 px."""
     torch.manual_seed(seed)
-    cfg = im.IBOTConfig(arch="vit_nano", patch_size=8, img_size=32, out_dim=32, patch_out_dim=32, head_hidden_dim=32,
-                        head_bottleneck_dim=16, n_local_crops=0)
-    torch.save(im.IBOT(cfg).checkpoint(), path)
+    cfg = M.IBOTConfig(arch="vit_nano", patch_size=8, global_size=32, out_dim=32, patch_out_dim=32, head_hidden_dim=32,
+                        head_bottleneck_dim=16, local_crops=0)
+    torch.save(M.IBOT(cfg).checkpoint(), path)
     return path
 
 
@@ -111,7 +111,7 @@ def test_top5_is_capped_at_the_number_of_classes():
 
 def test_probe_feature_layouts():
     torch.manual_seed(0)
-    vit = im.vit_nano(patch_size=8, img_size=32).eval()  # D = 128, 4 blocks
+    vit = M.vit_nano(patch_size=8, img_size=32).eval()  # D = 128, 4 blocks
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         final = vit(x)  # (B, 1+N, D): the last block through the final norm
@@ -132,12 +132,12 @@ def test_probe_feature_layouts():
 # ---- 3. checkpoints a user brings ----
 
 
-def _official_checkpoint(path: Path, patch_size_in_args: int = 16) -> tuple[Path, im.VisionTransformer]:
+def _official_checkpoint(path: Path, patch_size_in_args: int = 16) -> tuple[Path, M.VisionTransformer]:
     """The official iBOT layout: teacher backbone./head., student module.backbone./module.head., centres, args."""
     torch.manual_seed(0)
-    student = im.VisionTransformer(img_size=32, patch_size=16, embed_dim=128, depth=2, num_heads=2, masked_embed=True)
-    teacher = im.VisionTransformer(img_size=32, patch_size=16, embed_dim=128, depth=2, num_heads=2)
-    head = im.IBOTHead(128, 32, 32, hidden_dim=16, bottleneck_dim=8)
+    student = M.VisionTransformer(img_size=32, patch_size=16, embed_dim=128, depth=2, num_heads=2, masked_embed=True)
+    teacher = M.VisionTransformer(img_size=32, patch_size=16, embed_dim=128, depth=2, num_heads=2)
+    head = M.IBOTHead(128, 32, 32, hidden_dim=16, bottleneck_dim=8)
     ckpt = {
         "student": {**{"module.backbone." + k: v for k, v in student.state_dict().items()},
                     **{"module.head." + k: v for k, v in head.state_dict().items()}},

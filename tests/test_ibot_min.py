@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import ibot_min as im
+import ibot_min as M
 
 FAST = settings(max_examples=25, deadline=None)
 FEW = settings(max_examples=12, deadline=None)
@@ -109,7 +109,7 @@ def make_inputs(seed, g, l, B, N, K, Kp, p_mask=0.4, empty_row=False, scale=3.0)
 
 
 def make_loss(g, l, K, Kp, seed=0, tau_s=0.1, lambda1=1.0, lambda2=1.0, centred=True):
-    loss = im.IBOTLoss(K, Kp, g, l, student_temp=tau_s, lambda1=lambda1, lambda2=lambda2)
+    loss = M.IBOTLoss(K, Kp, g, l, student_temp=tau_s, lambda1=lambda1, lambda2=lambda2)
     if centred:
         gen = torch.Generator().manual_seed(seed + 1000)
         loss.center.copy_(torch.randn(1, K, generator=gen))
@@ -150,15 +150,15 @@ def test_loss_matches_reference(gl, B, N, K, Kp, tau_s, tau_t, tau_tp, lambda1, 
     torch.testing.assert_close(loss.patch_center.double(), ref_c2, atol=1e-5, rtol=1e-5)
 
 
-def _tiny_cfg(shared_head: bool, img_size: int = 16) -> im.IBOTConfig:
-    return im.IBOTConfig(arch="vit_nano", patch_size=4, img_size=img_size, out_dim=64,
-                         patch_out_dim=64 if shared_head else 48, shared_head=shared_head, n_local_crops=2,
-                         drop_path_rate=0.0, head_hidden_dim=256, head_bottleneck_dim=64)
+def _tiny_cfg(shared_head: bool, img_size: int = 16) -> M.IBOTConfig:
+    return M.IBOTConfig(arch="vit_nano", patch_size=4, global_size=img_size, out_dim=64,
+                         patch_out_dim=64 if shared_head else 48, shared_head=shared_head, local_crops=2,
+                         drop_path=0.0, head_hidden_dim=256, head_bottleneck_dim=64)
 
 
-def _tiny_model(shared_head: bool, seed: int = 0) -> im.IBOT:
+def _tiny_model(shared_head: bool, seed: int = 0) -> M.IBOT:
     torch.manual_seed(seed)
-    model = im.IBOT(_tiny_cfg(shared_head))
+    model = M.IBOT(_tiny_cfg(shared_head))
     with torch.no_grad():  # a teacher that is no longer a copy of the student, and centres that are not zero
         for p in model.teacher.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -173,13 +173,13 @@ def _batch(seed: int, B: int = 2, g: int = 2, l: int = 2, img: int = 16, local: 
     global_crops = torch.randn(g * B, 3, img, img, generator=gen)
     local_crops = torch.randn(l * B, 3, local, local, generator=gen)
     side = img // p
-    masks = torch.stack([im.block_mask(side, side, 0.4, gen) for _ in range(g * B)])  # (gB, h, w)
+    masks = torch.stack([M.block_mask(side, side, 0.4, gen) for _ in range(g * B)])  # (gB, h, w)
     masks[-1] = False  # an image with nothing masked still counts in the batch mean
     masks[0, 0, 0] = True  # and at least one masked patch
     return global_crops, local_crops, masks
 
 
-def _full_path(model: im.IBOT, loss: im.IBOTLoss, global_crops, local_crops, masks, tt, tpt):
+def _full_path(model: M.IBOT, loss: M.IBOTLoss, global_crops, local_crops, masks, tt, tpt):
     """The straightforward computation: the head on every token, IBOTLoss.forward on the full tensors."""
     flat = masks.flatten(1)
     with torch.no_grad():
@@ -437,7 +437,7 @@ def reference_koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def test_koleo_matches_reference_with_gradients(n, D, seed):
     x = torch.randn(n, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     fast_x, ref_x = x.clone().float().requires_grad_(), x.clone().requires_grad_()
-    fast, ref = im.koleo_loss(fast_x), reference_koleo(ref_x)
+    fast, ref = M.koleo_loss(fast_x), reference_koleo(ref_x)
     assert close(fast, ref, atol=1e-4, rtol=1e-4)
     fast.backward()
     ref.backward()
@@ -451,23 +451,23 @@ def test_koleo_ignores_row_order_and_row_scale(n, D, seed):
     x = torch.randn(n, D, generator=gen)
     scaled = x * (0.1 + 10 * torch.rand(n, 1, generator=gen))  # it sees directions only
     permuted = x[torch.randperm(n, generator=gen)]
-    assert close(im.koleo_loss(x), im.koleo_loss(scaled), 1e-4, 1e-4)
-    assert close(im.koleo_loss(x), im.koleo_loss(permuted), 1e-5, 1e-5)
+    assert close(M.koleo_loss(x), M.koleo_loss(scaled), 1e-4, 1e-4)
+    assert close(M.koleo_loss(x), M.koleo_loss(permuted), 1e-5, 1e-5)
 
 
 def test_koleo_prefers_spread_features_and_its_gradient_spreads_them():
     spread = torch.cat([torch.eye(4), -torch.eye(4)])  # 8 points as far apart as 4-d allows: rho = sqrt(2)
     clustered = torch.ones(8, 4) + 0.05 * torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
-    assert close(im.koleo_loss(spread), -math.log(math.sqrt(2)), 1e-5, 1e-5)
-    assert im.koleo_loss(clustered) > im.koleo_loss(spread) + 1.0
+    assert close(M.koleo_loss(spread), -math.log(math.sqrt(2)), 1e-5, 1e-5)
+    assert M.koleo_loss(clustered) > M.koleo_loss(spread) + 1.0
     x = clustered.clone().requires_grad_()
-    im.koleo_loss(x).backward()
+    M.koleo_loss(x).backward()
     with torch.no_grad():
         stepped = x - 0.05 * x.grad
     nearest = lambda y: torch.cdist(F.normalize(y, dim=-1), F.normalize(y, dim=-1)).fill_diagonal_(9).min(1).values
     assert nearest(stepped).mean() > nearest(clustered).mean()  # a step down the loss moves neighbours apart
     with pytest.raises(ValueError, match="n >= 2"):
-        im.koleo_loss(torch.randn(1, 4))
+        M.koleo_loss(torch.randn(1, 4))
 
 
 def test_ibot_koleo_term_is_an_added_weighted_term():
@@ -479,7 +479,7 @@ def test_ibot_koleo_term_is_an_added_weighted_term():
     out = model(global_crops, local_crops, masks, 0.05, 0.06)
     assert "koleo" not in plain  # off by default: the loss is iBOT's alone
     cls_tokens = model.student.backbone(global_crops, mask=masks.flatten(1))[:, 0]  # (gB, D), crop-major
-    expected = (im.koleo_loss(cls_tokens[:2]) + im.koleo_loss(cls_tokens[2:])) / 2  # per global crop, B = 2
+    expected = (M.koleo_loss(cls_tokens[:2]) + M.koleo_loss(cls_tokens[2:])) / 2  # per global crop, B = 2
     assert close(out["koleo"], expected, 1e-5, 1e-5)
     assert close(out["cls"], plain["cls"], 1e-5, 1e-5) and close(out["patch"], plain["patch"], 1e-5, 1e-5)
     assert close(out["loss"], plain["loss"] + 0.3 * expected, 1e-5, 1e-5)
@@ -494,16 +494,16 @@ def test_ibot_koleo_term_is_an_added_weighted_term():
 @FAST
 @given(h=st.integers(1, 16), w=st.integers(1, 16), ratio=st.floats(0.0, 0.99), seed=st.integers(0, 2**16))
 def test_mask_counts(h, w, ratio, seed):
-    b = im.block_mask(h, w, ratio, torch.Generator().manual_seed(seed))
-    r = im.random_mask(h, w, ratio, torch.Generator().manual_seed(seed))
+    b = M.block_mask(h, w, ratio, torch.Generator().manual_seed(seed))
+    r = M.random_mask(h, w, ratio, torch.Generator().manual_seed(seed))
     assert b.shape == r.shape == (h, w) and b.dtype == r.dtype == torch.bool
     assert int(b.sum()) <= ratio * h * w
     assert int(r.sum()) == int(ratio * h * w)
 
 
 def test_zero_ratio_gives_empty_masks_and_seeds_repeat():
-    assert not im.block_mask(14, 14, 0.0).any() and not im.random_mask(14, 14, 0.0).any()
-    for fn in (im.block_mask, im.random_mask):
+    assert not M.block_mask(14, 14, 0.0).any() and not M.random_mask(14, 14, 0.0).any()
+    for fn in (M.block_mask, M.random_mask):
         a = fn(14, 14, 0.4, torch.Generator().manual_seed(1))
         b = fn(14, 14, 0.4, torch.Generator().manual_seed(1))
         c = fn(14, 14, 0.4, torch.Generator().manual_seed(2))
@@ -515,7 +515,7 @@ def test_zero_ratio_gives_empty_masks_and_seeds_repeat():
 def test_block_mask_mean_fraction(side, ratio):
     """BEiT masking stays a little below target (official: ~0.09 for 0.1 on 14x14, ~0.19 for 0.2 on 8x8)."""
     gen = torch.Generator().manual_seed(0)
-    frac = torch.stack([im.block_mask(side, side, ratio, gen) for _ in range(300)]).float().mean().item()
+    frac = torch.stack([M.block_mask(side, side, ratio, gen) for _ in range(300)]).float().mean().item()
     assert ratio - 0.025 <= frac <= ratio, frac
 
 
@@ -529,7 +529,7 @@ def test_block_masks_are_blocks():
     gen = torch.Generator().manual_seed(0)
     block, rand = [], []
     for _ in range(40):
-        m = im.block_mask(14, 14, 0.3, gen)
+        m = M.block_mask(14, 14, 0.3, gen)
         r = torch.zeros(196, dtype=torch.bool)
         r[torch.randperm(196, generator=gen)[:int(m.sum())]] = True
         block.append(_masked_neighbours(m))
@@ -539,14 +539,14 @@ def test_block_masks_are_blocks():
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
 def test_bad_mask_ratio_raises(ratio):
-    for fn in (im.block_mask, im.random_mask):
+    for fn in (M.block_mask, M.random_mask):
         with pytest.raises(ValueError, match=r"\[0, 1\)"):
             fn(8, 8, ratio)
 
 
 def test_sample_ratio_recipe():
     gen = torch.Generator().manual_seed(0)
-    draws = np.array([im.sample_ratio([0.0, 0.3], [0.0, 0.2], gen) for _ in range(1000)])
+    draws = np.array([M.sample_ratio([0.0, 0.3], [0.0, 0.2], gen) for _ in range(1000)])
     zero = draws == 0
     assert 0.44 <= zero.mean() <= 0.56
     rest = draws[~zero]
@@ -557,10 +557,10 @@ def test_sample_ratio_recipe():
 def test_sample_masks_shape():
     gen = torch.Generator().manual_seed(0)
     for shape in ("block", "rand"):
-        m = im.sample_masks(3, 6, 5, (0.3,), (0.1,), shape, gen)
+        m = M.sample_masks(3, 6, 5, (0.3,), (0.1,), shape, gen)
         assert m.shape == (3, 6, 5) and m.dtype == torch.bool and m.any()
     with pytest.raises(ValueError, match="block"):
-        im.sample_masks(2, 4, 4, shape="grid")
+        M.sample_masks(2, 4, 4, shape="grid")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -570,7 +570,7 @@ def test_sample_masks_shape():
 @pytest.fixture(scope="module")
 def student_vit():
     torch.manual_seed(0)
-    vit = im.vit_nano(patch_size=4, img_size=16, masked_embed=True).eval()
+    vit = M.vit_nano(patch_size=4, img_size=16, masked_embed=True).eval()
     with torch.no_grad():
         vit.masked_embed.normal_()
     return vit
@@ -623,7 +623,7 @@ def test_selfattention_and_intermediate_layers(student_vit):
 
 def test_position_embeddings_interpolate():
     torch.manual_seed(0)
-    vit = im.vit_nano(patch_size=8, img_size=32).eval()
+    vit = M.vit_nano(patch_size=8, img_size=32).eval()
     with torch.no_grad():
         assert vit(torch.randn(2, 3, 48, 48)).shape == (2, 1 + 36, vit.embed_dim)
         assert vit(torch.randn(1, 3, 32, 48)).shape == (1, 1 + 4 * 6, vit.embed_dim)
@@ -638,18 +638,18 @@ def test_vit_input_errors(student_vit):
     with pytest.raises(ValueError, match="divisible"):
         student_vit(torch.randn(1, 3, 30, 30))
     with pytest.raises(ValueError, match="divisible"):
-        im.vit_nano(patch_size=4, img_size=30)
+        M.vit_nano(patch_size=4, img_size=30)
     x = torch.randn(2, 3, 16, 16)
     with pytest.raises(ValueError, match="mask"):
         student_vit(x, torch.zeros(2, 15, dtype=torch.bool))
     with pytest.raises(ValueError, match="bool"):
         student_vit(x, torch.zeros(2, 16, dtype=torch.long))
     with pytest.raises(ValueError, match="masked_embed"):
-        im.vit_nano(patch_size=4, img_size=16)(x, torch.zeros(2, 16, dtype=torch.bool))
+        M.vit_nano(patch_size=4, img_size=16)(x, torch.zeros(2, 16, dtype=torch.bool))
 
 
 def test_parameter_names_and_drop_path_rates():
-    vit = im.vit_nano(patch_size=4, img_size=16, masked_embed=True, drop_path_rate=0.3)
+    vit = M.vit_nano(patch_size=4, img_size=16, masked_embed=True, drop_path_rate=0.3)
     names = set(dict(vit.named_parameters()))
     for n in ["patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed", "blocks.0.norm1.weight",
               "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.weight",
@@ -673,13 +673,13 @@ def test_ema_update():
     assert "backbone.masked_embed" in student and "backbone.masked_embed" not in teacher0
     assert any(not torch.equal(student[n], teacher0[n]) for n in teacher0)
 
-    im.ema_update(model.teacher, model.student, 1.0)
+    M.ema_update(model.teacher, model.student, 1.0)
     for n, p in model.teacher.named_parameters():
         assert torch.equal(p, teacher0[n]), n
-    im.ema_update(model.teacher, model.student, 0.5)
+    M.ema_update(model.teacher, model.student, 0.5)
     for n, p in model.teacher.named_parameters():
         torch.testing.assert_close(p, 0.5 * teacher0[n] + 0.5 * student[n], msg=n)
-    im.ema_update(model.teacher, model.student, 0.0)
+    M.ema_update(model.teacher, model.student, 0.0)
     for n, p in model.teacher.named_parameters():
         torch.testing.assert_close(p, student[n], msg=n)
     for n, p in model.student.named_parameters():
@@ -690,7 +690,7 @@ def test_ema_update():
 @given(base=st.floats(-2, 2), final=st.floats(-2, 2), start=st.floats(-2, 2), total=st.integers(1, 40),
        warmup=st.integers(0, 39))
 def test_cosine_schedule(base, final, start, total, warmup):
-    s = im.cosine_schedule(base, final, total, warmup, start)
+    s = M.cosine_schedule(base, final, total, warmup, start)
     assert s.shape == (total,)
     if warmup >= total:
         return  # a warm-up longer than the run: see test_cosine_schedule_clipped_warmup
@@ -715,7 +715,7 @@ def test_cosine_schedule(base, final, start, total, warmup):
 
 def test_cosine_schedule_clipped_warmup():
     """SPEC.md: 'clips every warm-up to the run length and ends every schedule exactly at its final value'."""
-    s = im.cosine_schedule(1.0, 0.25, total_steps=5, warmup_steps=10, warmup_start=0.0)
+    s = M.cosine_schedule(1.0, 0.25, total_steps=5, warmup_steps=10, warmup_start=0.0)
     assert s.shape == (5,)  # no crash and the right length (the official code fails its assert here)
     assert float(s[-1]) == 0.25, s.tolist()
 
@@ -724,7 +724,7 @@ def test_cosine_schedule_clipped_warmup():
 @given(start=st.floats(0.01, 0.1), end=st.floats(0.01, 0.1), warmup=st.integers(2, 20), total=st.integers(1, 40),
        hold=st.integers(0, 10))
 def test_linear_warmup(start, end, warmup, total, hold):
-    s = im.linear_warmup(start, end, warmup, total, hold)
+    s = M.linear_warmup(start, end, warmup, total, hold)
     assert s.shape == (total,)
     h = min(hold, total)
     assert torch.all(s[:h] == start)
@@ -739,19 +739,19 @@ def test_linear_warmup(start, end, warmup, total, hold):
 
 
 def test_linear_warmup_recipe_and_short_runs():
-    s = im.linear_warmup(0.04, 0.07, warmup_steps=30, total_steps=100)
+    s = M.linear_warmup(0.04, 0.07, warmup_steps=30, total_steps=100)
     assert float(s[0]) == 0.04 and float(s[29]) == 0.07 and float(s[28]) < 0.07 and torch.all(s[29:] == 0.07)
-    held = im.linear_warmup(0.04, 0.07, warmup_steps=30, total_steps=100, hold_steps=10)
+    held = M.linear_warmup(0.04, 0.07, warmup_steps=30, total_steps=100, hold_steps=10)
     assert torch.all(held[:11] == 0.04) and float(held[39]) == 0.07
     # a run shorter than the ramp is clipped and still ends at its final value (SPEC.md)
-    assert float(im.linear_warmup(0.04, 0.07, warmup_steps=30, total_steps=5)[-1]) == 0.07
-    assert float(im.linear_warmup(0.04, 0.07, warmup_steps=30, total_steps=1)[-1]) == 0.07
+    assert float(M.linear_warmup(0.04, 0.07, warmup_steps=30, total_steps=5)[-1]) == 0.07
+    assert float(M.linear_warmup(0.04, 0.07, warmup_steps=30, total_steps=1)[-1]) == 0.07
 
 
 def test_param_groups():
     torch.manual_seed(0)
-    model = im.IBOT(_tiny_cfg(shared_head=False))
-    decay, no_decay = im.param_groups(model.student)
+    model = M.IBOT(_tiny_cfg(shared_head=False))
+    decay, no_decay = M.param_groups(model.student)
     assert no_decay["weight_decay"] == 0.0 and "weight_decay" not in decay
     named = dict(model.student.named_parameters())
     name_of = {id(p): n for n, p in named.items()}
@@ -766,8 +766,8 @@ def test_param_groups():
               "backbone.patch_embed.proj.bias", "head.mlp.0.bias"]:
         assert n in no_decay_names, n
     # norm_last_layer freezes the gain: it is not trained, so it is in neither group
-    frozen = im.IBOT(im.IBOTConfig(**{**_tiny_cfg(True).__dict__, "norm_last_layer": True}))
-    ids = {id(p) for grp in im.param_groups(frozen.student) for p in grp["params"]}
+    frozen = M.IBOT(M.IBOTConfig(**{**_tiny_cfg(True).__dict__, "norm_last_layer": True}))
+    ids = {id(p) for grp in M.param_groups(frozen.student) for p in grp["params"]}
     assert id(frozen.student.head.last_layer.weight_g) not in ids
 
 
@@ -790,10 +790,10 @@ def test_load_backbone_our_checkpoint(tmp_path):
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[:, :5] = True
 
-    teacher = im.load_backbone(path)
+    teacher = M.load_backbone(path)
     assert teacher.masked_embed is None
     _outputs_equal(teacher, model.teacher.backbone, x)
-    student = im.load_backbone(str(path), which="student")
+    student = M.load_backbone(str(path), which="student")
     assert student.masked_embed is not None
     _outputs_equal(student, model.student.backbone, x, mask)
     with torch.no_grad():
@@ -803,13 +803,13 @@ def test_load_backbone_our_checkpoint(tmp_path):
 def _official_checkpoint(seed=0):
     torch.manual_seed(seed)
     # ViT-S (384 wide, 6 heads of 64, 12 blocks) at 32 px to keep it quick
-    student = im.vit_small(patch_size=16, img_size=32, masked_embed=True)
-    teacher = im.vit_small(patch_size=16, img_size=32)
+    student = M.vit_small(patch_size=16, img_size=32, masked_embed=True)
+    teacher = M.vit_small(patch_size=16, img_size=32)
     with torch.no_grad():
         student.masked_embed.normal_()
         for p in teacher.parameters():
             p.normal_(0, 0.02)
-    head_s, head_t = im.IBOTHead(384, 32, 32, hidden_dim=16, bottleneck_dim=8), im.IBOTHead(384, 32, 32, hidden_dim=16,
+    head_s, head_t = M.IBOTHead(384, 32, 32, hidden_dim=16, bottleneck_dim=8), M.IBOTHead(384, 32, 32, hidden_dim=16,
                                                                                            bottleneck_dim=8)
     ckpt = {
         "student": {**{"module.backbone." + k: v for k, v in student.state_dict().items()},
@@ -828,10 +828,10 @@ def test_load_backbone_official_layout(tmp_path):
     path = tmp_path / "checkpoint.pth"
     torch.save(ckpt, path)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    loaded = im.load_backbone(path)
+    loaded = M.load_backbone(path)
     assert loaded.num_heads == 6 and len(loaded.blocks) == 12 and loaded.masked_embed is None
     _outputs_equal(loaded, teacher, x, atol=1e-5)
-    loaded_s = im.load_backbone(path, which="student")
+    loaded_s = M.load_backbone(path, which="student")
     assert loaded_s.masked_embed is not None
     torch.testing.assert_close(loaded_s.masked_embed, student.masked_embed)
     _outputs_equal(loaded_s, student, x, atol=1e-5)
@@ -839,12 +839,12 @@ def test_load_backbone_official_layout(tmp_path):
 
 def test_load_backbone_only_exports(tmp_path):
     torch.manual_seed(1)
-    vit = im.vit_nano(patch_size=4, img_size=16, masked_embed=True)
+    vit = M.vit_nano(patch_size=4, img_size=16, masked_embed=True)
     x = torch.randn(1, 3, 16, 16)
     sd = vit.state_dict()
     torch.save({"state_dict": sd}, tmp_path / "wrapped.pth")
     for source in (sd, {"state_dict": sd}, tmp_path / "wrapped.pth"):
-        loaded = im.load_backbone(source)
+        loaded = M.load_backbone(source)
         assert loaded.masked_embed is not None  # student exports keep it
         _outputs_equal(loaded, vit, x)
 
@@ -853,7 +853,7 @@ def test_load_backbone_timm_state_dict():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     ref = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
-    ours = im.load_backbone(ref.state_dict()).eval()
+    ours = M.load_backbone(ref.state_dict()).eval()
     assert ours.num_heads == 6
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -862,11 +862,11 @@ def test_load_backbone_timm_state_dict():
 
 def test_load_backbone_errors(tmp_path):
     with pytest.raises(ValueError, match="weird_key"):
-        im.load_backbone({"weird_key": torch.zeros(3), "other": torch.ones(2)})
+        M.load_backbone({"weird_key": torch.zeros(3), "other": torch.ones(2)})
     with pytest.raises(FileNotFoundError):
-        im.load_backbone(tmp_path / "missing.pth")
+        M.load_backbone(tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="which"):
-        im.load_backbone({}, which="both")
+        M.load_backbone({}, which="both")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -888,15 +888,15 @@ def test_loss_input_errors():
     with pytest.raises(ValueError, match="bool"):
         loss.forward_masked(s_cls, s_patch[masks], t_cls, t_patch, masks.long(), 0.05, 0.07)
     with pytest.raises(ValueError, match="crops"):
-        im.IBOTLoss(K, K, 1, 0)
+        M.IBOTLoss(K, K, 1, 0)
 
 
 def test_config_errors():
     with pytest.raises(ValueError, match="patch_out_dim"):
-        im.IBOTConfig(shared_head=True, out_dim=64, patch_out_dim=32)
+        M.IBOTConfig(shared_head=True, out_dim=64, patch_out_dim=32)
     with pytest.raises(ValueError, match="vit_huge.*expected"):
-        im.IBOTConfig(arch="vit_huge")
-    im.IBOTConfig(shared_head=False, out_dim=64, patch_out_dim=32)  # fine with separate heads
+        M.IBOTConfig(arch="vit_huge")
+    M.IBOTConfig(shared_head=False, out_dim=64, patch_out_dim=32)  # fine with separate heads
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -906,7 +906,7 @@ def test_config_errors():
 def test_multicrop_augmentation():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
-    aug = im.MultiCropAugmentation(global_size=32, local_size=16, n_global_crops=2, n_local_crops=3, patch_size=4,
+    aug = M.MultiCropAugmentation(global_size=32, local_size=16, global_crops=2, local_crops=3, patch_size=4,
                                    blur=False, mask_ratios=(0.3,), mask_ratio_vars=(0.1,))
     crops, masks = aug(img, torch.Generator().manual_seed(0))
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
@@ -932,7 +932,7 @@ def test_knn_separated_clusters():
         return F.normalize(centres[y] + 0.05 * torch.randn(n, 16, generator=gen), dim=-1), y
 
     (xtr, ytr), (xte, yte) = sample(100), sample(50)
-    assert im.knn_classify(xtr, ytr, xte, yte, ks=(1, 10, 20, 100)) == {1: 100.0, 10: 100.0, 20: 100.0, 100: 100.0}
+    assert M.knn_classify(xtr, ytr, xte, yte, ks=(1, 10, 20, 100)) == {1: 100.0, 10: 100.0, 20: 100.0, 100: 100.0}
 
 
 def test_knn_random_labels_near_chance():
@@ -940,7 +940,7 @@ def test_knn_random_labels_near_chance():
     xtr = F.normalize(torch.randn(2000, 32, generator=gen), dim=-1)
     xte = F.normalize(torch.randn(1000, 32, generator=gen), dim=-1)
     ytr, yte = torch.randint(0, 10, (2000,), generator=gen), torch.randint(0, 10, (1000,), generator=gen)
-    acc = im.knn_classify(xtr, ytr, xte, yte, ks=(10, 20), chunk=300)
+    acc = M.knn_classify(xtr, ytr, xte, yte, ks=(10, 20), chunk=300)
     assert all(4.0 <= a <= 16.0 for a in acc.values()), acc  # chance 10%, sd ~1%
 
 
@@ -951,7 +951,7 @@ def test_knn_votes_are_weighted_and_k_is_capped():
     labels = torch.tensor([0, 1, 1])
     test, y = e0[None], torch.tensor([0])
     # exp(0.9/0.07) > 2 exp(0.8/0.07): the closest neighbour outvotes the two farther ones
-    assert im.knn_classify(bank, labels, test, y, ks=(3,), num_classes=2) == {3: 100.0}
-    assert im.knn_classify(bank, labels, test, y, ks=(3,), temperature=10.0, num_classes=2) == {3: 0.0}
+    assert M.knn_classify(bank, labels, test, y, ks=(3,), num_classes=2) == {3: 100.0}
+    assert M.knn_classify(bank, labels, test, y, ks=(3,), temperature=10.0, num_classes=2) == {3: 0.0}
     # k beyond the bank is capped at its size, and gives what k = bank size gives
-    assert im.knn_classify(bank, labels, test, y, ks=(1, 10, 200), temperature=10.0) == {1: 100.0, 3: 0.0}
+    assert M.knn_classify(bank, labels, test, y, ks=(1, 10, 200), temperature=10.0) == {1: 100.0, 3: 0.0}

@@ -1,4 +1,5 @@
-"""notebooks/ibot_walkthrough.ipynb: it runs top to bottom, shows its pictures, and matches its generator.
+"""notebooks/ibot_walkthrough.ipynb: it runs top to bottom, shows its pictures, and matches its jupytext pair
+notebooks/ibot_walkthrough.py, the percent-format script that is its source.
 
 The slow test executes a copy in memory with nbclient (the committed file is never written) on the real
 CIFAR-10 folder ../shared/data/cifar10/train; without that folder it is skipped, since tests never download.
@@ -13,6 +14,8 @@ nbformat = pytest.importorskip("nbformat", reason="the notebook tests need the d
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "ibot_walkthrough.ipynb"
+SCRIPT = NOTEBOOK.with_suffix(".py")  # its jupytext pair, the file to edit
+REBUILD = "jupytext --sync notebooks/ibot_walkthrough.py && jupyter execute --inplace notebooks/ibot_walkthrough.ipynb"
 MIN_PICTURES = 6  # views, masks, mask fractions, tokenizer entropies, training curves, attention and prototypes
 
 
@@ -28,21 +31,22 @@ def printed(nb) -> str:
     return "".join(o.get("text", "") for o in outputs(nb) if o.get("output_type") == "stream")
 
 
-def test_committed_notebook_keeps_its_outputs_and_matches_its_generator():
-    pytest.importorskip("nbclient", reason="the generator needs the dev extra (nbclient)")
+def test_committed_notebook_keeps_its_outputs():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert all(c.get("execution_count") for c in nb.cells if c.cell_type == "code"), \
-        "commit the notebook executed: python notebooks/make_walkthrough.py"
+        f"commit the notebook executed: {REBUILD}"
     assert pictures(nb) >= MIN_PICTURES
     assert not [o for o in outputs(nb) if o.get("output_type") == "error"]
     assert NOTEBOOK.stat().st_size < 2_000_000, "keep the committed pictures small"
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("make_walkthrough", ROOT / "notebooks" / "make_walkthrough.py")
-    generator = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generator)
-    expected = [(c.cell_type, c.source) for c in generator.build().cells]
-    assert [(c.cell_type, c.source) for c in nb.cells] == expected, \
-        "the notebook differs from notebooks/make_walkthrough.py: edit the generator and run it"
+
+
+def test_committed_notebook_matches_its_script():
+    jupytext = pytest.importorskip("jupytext", reason="reading the notebook's .py pair needs jupytext (dev extra)")
+    script = jupytext.read(SCRIPT)
+    assert script.metadata["jupytext"]["formats"] == "ipynb,py:percent"
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert [(c.cell_type, c.source) for c in nb.cells] == [(c.cell_type, c.source) for c in script.cells], \
+        f"the notebook differs from {SCRIPT.name}, its source: edit the .py, then {REBUILD}"
 
 
 @pytest.mark.slow

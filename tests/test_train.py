@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+import data as D
+import ibot_min as M
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,13 +163,13 @@ def test_cifar10_download_path_reads_a_local_copy(tmp_path, monkeypatch):
             pickle.dump({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, f)
     with open(base / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
-    monkeypatch.setattr(train.torchvision.datasets.cifar, "check_integrity", lambda *a, **kw: True)
-    ds = train.build_dataset("cifar10", str(tmp_path), "train", download=True)
+    monkeypatch.setattr(D.torchvision.datasets.cifar, "check_integrity", lambda *a, **kw: True)
+    ds = D.build_dataset("cifar10", str(tmp_path), "train", download=True)
     assert len(ds) == 20 and ds[0][0].size == (32, 32)
-    assert len(train.build_dataset("cifar10", str(tmp_path), "val")) == 4
-    monkeypatch.setattr(train.torchvision.datasets.cifar, "check_integrity", lambda *a, **kw: False)
+    assert len(D.build_dataset("cifar10", str(tmp_path), "val")) == 4
+    monkeypatch.setattr(D.torchvision.datasets.cifar, "check_integrity", lambda *a, **kw: False)
     with pytest.raises(ValueError, match="--download"):
-        train.build_dataset("cifar10", str(tmp_path), "train")
+        D.build_dataset("cifar10", str(tmp_path), "train")
 
 
 def test_budget_stops_on_time_with_schedules_at_their_end(folder, tmp_path):
@@ -192,9 +194,8 @@ def test_benchmark_prints_json_line(capsys):
     assert 0 < result["of_matmul"] < 1
 
 
-def test_profile_script_prints_the_step_operators_and_the_benchmark(tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts" / "profile_step.py")] + TINY + ["--dataset", "synthetic",
-                                                                              "--batch-size", "4"]
+def test_bench_profile_prints_the_step_operators_and_the_benchmark(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench.py")] + TINY + ["--dataset", "synthetic", "--batch-size", "4", "--profile"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "aten::addmm" in proc.stdout and "Self CPU" in proc.stdout  # the profiled step's operator table
@@ -229,7 +230,7 @@ def test_knn_monitor_spares_the_global_rng(folder):
     # a kNN score between epochs must not shift the drop-path draws, or a resumed run would differ
     args = train.parse_args(TINY + ["--data-path", str(folder), "--holdout-per-class", "4"])
     args.device, args.precision = "cpu", "fp32"
-    model = train.build_model(args)
+    model = M.IBOT(train.build(M.IBOTConfig, args))
     before = torch.get_rng_state()
     score = train.knn_monitor(model, args, "cpu")
     assert 0 <= score <= 100 and torch.equal(before, torch.get_rng_state())

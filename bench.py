@@ -1,0 +1,109 @@
+"""Time the training step of train.py: images/s, FLOPs, the hardware's roofline, and where the time goes.
+
+Builds the run exactly as train.py does (train.setup) and times train.train_step on its batches, so the
+training loop carries no benchmarking. Prints one JSON line. `python train.py ... --benchmark N` hands over
+to this file with the same flags and prints the same line.
+
+    python bench.py --dataset synthetic --arch vit_tiny --patch-size 4 --global-size 32 --local-size 16 \\
+        --local-crops 6 --batch-size 64 --out-dim 4096 --device cpu            # the README's CPU shape
+    python bench.py [same flags] --profile     # + a torch.profiler table of one step, operators by self time
+
+JSON fields: img_per_s and step_s (median of the timed steps, after 3 warm-up steps), gflop_per_img and
+tflop_per_s (FlopCounterMode on one eager step); on CUDA the card's name, peak memory and MFU against its
+dense bf16 peak; on a CPU `amx` (whether it has AMX tiles), and the rate of one large matmul in the run's
+precision (matmul_tflop_per_s) with the step's share of it (of_matmul).
+"""
+
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+import train
+from runtime import cpu_has_bf16_matrix_units, print0
+
+WARMUP_STEPS = 3
+# dense bf16 peak of the cards we quote MFU against (vendor figures)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def benchmark(args, profile_step: bool = False) -> dict:
+    """Time args.benchmark steps after WARMUP_STEPS; the first warm-up step also counts the FLOPs."""
+    args.resume = False
+    run = train.setup(args)
+    schedules = train.Schedules(args, args.benchmark + WARMUP_STEPS, run.steps_per_epoch, run.global_batch)
+    times, flops, step = [], 0, 0
+    while step < schedules.total:
+        for batch in run.epoch_batches(step // run.steps_per_epoch, step % run.steps_per_epoch):
+            counting, profiling = step == 0, profile_step and step == WARMUP_STEPS
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            t0 = time.perf_counter()
+            with torch.compiler.set_stance("force_eager") if counting else nullcontext(), \
+                    FlopCounterMode(display=False) if counting else nullcontext() as counter, \
+                    profile(activities=activities) if profiling else nullcontext() as prof:
+                out = train.train_step(run, batch, schedules.at(step), step < schedules.freeze_last_layer_steps)
+                float(out["loss"])  # waits for the device
+            times.append(time.perf_counter() - t0)
+            if counting:
+                flops = counter.get_total_flops()
+            if profiling:
+                sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+                print(prof.key_averages().table(sort_by=sort, row_limit=25))
+            step += 1
+            if step >= schedules.total:
+                break
+    return summary(args, times[WARMUP_STEPS:], run.global_batch, run.device, flops)
+
+
+def summary(args, times, global_batch, device, step_flops) -> dict:
+    step_s = statistics.median(times)
+    out = dict(img_per_s=global_batch / step_s, step_s=step_s, device="cpu", precision=args.precision,
+               arch=args.arch, batch_size=global_batch, steps=len(times), compile=args.compile,
+               gflop_per_img=step_flops / global_batch / 1e9, tflop_per_s=step_flops / step_s / 1e12,
+               torch=torch.__version__)
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        out.update(device=name, peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30)
+        if peak:
+            out["mfu"] = step_flops / step_s / peak
+    else:  # a CPU's roofline: what one large matmul reaches here, in the run's precision
+        out["amx"] = cpu_has_bf16_matrix_units()
+        out["matmul_tflop_per_s"] = matmul_rate(torch.bfloat16 if args.precision == "bf16" else torch.float32)
+        out["of_matmul"] = out["tflop_per_s"] / out["matmul_tflop_per_s"]
+    print0(json.dumps(out))
+    return out
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """TFLOP/s of an (n, n) @ (n, n) CPU matmul, median of `repeats` after one warm-up."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times[1:]) / 1e12
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    profile_step = "--profile" in argv
+    argv = [a for a in argv if a != "--profile"]
+    try:
+        args = train.parse_args(argv)
+        args.benchmark = args.benchmark or 5
+        benchmark(args, profile_step)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""Check your own iBOT loss against ours (`ibot_min.IBOTLoss`) and name the likely mistake when they differ.
+
+    python check_loss.py my_loss.py:make_loss                          # a file and the factory in it
+    python check_loss.py mypackage.losses:make_loss --layout per-crop --json
+
+FACTORY(out_dim=K, patch_out_dim=K_p, n_global_crops=g, n_local_crops=l) returns your loss: a callable (an
+nn.Module with its own centres is fine) taking what IBOTLoss.forward takes, in the same order,
+
+    student_cls (VB, K), student_patch (gB, N, K_p), teacher_cls (gB, K), teacher_patch (gB, N, K_p),
+    masks (gB, N) bool, tau_t, tau_t'                                                    V = g + l views,
+
+and returning the total loss, or a dict with "loss" and, where it can, "cls" and "patch". `--layout` says how the
+rows are ordered: `official` is crop-major (row v*B + b, as IBOTLoss), `batch-major` is image-major (row b*V + v),
+and `per-crop` passes lists of per-view tensors, as lightly and DINOv2 do: V tensors (B, K) for student_cls, g
+tensors (B, ...) for each of the others.
+
+Both losses run side by side on a fixed, seeded set of CASES, three calls in a row on the same objects so that
+the centres and the timing of their update matter. Compared after every call: the total, the terms you return,
+the gradients w.r.t. all four logit inputs (the teacher's must be zero: targets carry no gradient), and the
+centres c, c' where your object has `center` and `center2` (or `patch_center`), flattened. Inputs are fp32; a
+value agrees when |yours - ours| <= ATOL + RTOL * |ours| everywhere. When they differ, the reference is replayed
+with each of the MISTAKES applied, and those that reproduce all your numbers in all cases are named.
+Exit status: 0 when every case agrees, 1 when one does not, 2 for a usage error (one line on stderr).
+"""
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import textwrap
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ibot_min import IBOTLoss
+
+# Measured on CASES: three correct losses written differently (official loops, plain-loop reference, IBOTLoss's
+# one-pass sum) stay within 2% of this tolerance everywhere; every one of MISTAKES exceeds it over 3,000 times.
+RTOL, ATOL = 1e-4, 1e-5
+CALLS = 3  # calls in a row on one loss object: the centres left by one call make the targets of the next
+STUDENT_TEMP, MOMENTUM = 0.1, 0.9  # tau_s and the centres' momentum m: IBOTLoss defaults the factory does not pass
+LAYOUTS = ("official", "batch-major", "per-crop")
+
+
+class UsageError(Exception):
+    """The factory or the loss cannot be run as the checker needs: exit 2 with one line, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- the known mistakes, and the reference they mutate ----
+
+MISTAKES = {
+    "cls-same-view-pairs": "pairs with u = v counted in the [CLS] term (all g(g+l) pairs, divided by g(g+l))",
+    "cls-count-g-V": "[CLS] term divided by g(g+l) instead of its g(g+l-1) pairs",
+    "cls-count-V-V1": "[CLS] term divided by (g+l)(g+l-1) instead of its g(g+l-1) pairs",
+    "patch-mean-over-batch": "patch term averaged over all masked patches of each global view, not per image",
+    "patch-mean-over-masked-images": "images with no masked patch left out of the batch mean (each adds 0 but counts)",
+    "patch-count-all-crops": "local crops counted in the patch term: its sum over the g views divided by g+l, not g",
+    "patch-across-views": "patch term pairs every student view v with every teacher view u (divided by g^2), "
+                          "not only v = u",
+    "centre-before-targets": "centres c, c' updated before the targets P_u, Q_un are made, not after",
+    "no-patch-centring": "patch targets not centred: Q_un = softmax(t_un / tau_t'), without c'",
+    "patch-centre-from-masked": "c' updated from the masked patches only, not from all patches",
+    "cls-temp-for-patches": "the [CLS] temperature tau_t used for the patch targets instead of tau_t'",
+    "teacher-not-detached": "teacher targets not detached: gradients flow into the teacher's logits",
+    "softmax-student": "softmax instead of log-softmax on the student side (both terms)",
+}
+
+
+def reference_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks, teacher_temp: float,
+                   teacher_patch_temp: float, center, patch_center, n_global_crops: int, mistake: str | None = None):
+    """SPEC.md's formulas as plain loops, with one named mistake applied (None: none, equal to IBOTLoss).
+
+    Crop-major inputs: student_cls (VB, K), student_patch (gB, N, K_p), teacher_cls (gB, K), teacher_patch
+    (gB, N, K_p), masks (gB, N) bool; centres c (K,) and c' (K_p,). Returns ({"cls", "patch", "loss"}, the
+    centres after the call)."""
+    if mistake is not None and mistake not in MISTAKES:
+        raise ValueError(f"unknown mistake {mistake!r}; expected one of {', '.join(MISTAKES)}")
+    g, B = n_global_crops, teacher_cls.shape[0] // n_global_crops
+    V = student_cls.shape[0] // B
+    if mistake != "teacher-not-detached":
+        teacher_cls, teacher_patch = teacher_cls.detach(), teacher_patch.detach()  # targets: no gradient
+    m = masks.view(g, B, -1).float()  # m_un
+
+    # c <- m c + (1 - m) mean_rows t_u ;  c' <- m c' + (1 - m) mean_rows mean_n t_un   (all patches)
+    patch_mean = teacher_patch[masks].mean(0) if mistake == "patch-centre-from-masked" else teacher_patch.mean((0, 1))
+    new_center = MOMENTUM * center + (1 - MOMENTUM) * teacher_cls.detach().mean(0)
+    new_patch_center = MOMENTUM * patch_center + (1 - MOMENTUM) * patch_mean.detach()
+    if mistake == "centre-before-targets":
+        center, patch_center = new_center, new_patch_center
+    if mistake == "no-patch-centring":
+        patch_center = torch.zeros_like(patch_center)
+    patch_temp = teacher_temp if mistake == "cls-temp-for-patches" else teacher_patch_temp
+
+    P = F.softmax((teacher_cls - center) / teacher_temp, dim=-1).view(g, B, -1)  # P_u = softmax((t_u - c) / tau_t)
+    Q = F.softmax((teacher_patch - patch_center) / patch_temp, dim=-1).view(g, B, *teacher_patch.shape[1:])  # Q_un
+    log_p = F.softmax if mistake == "softmax-student" else F.log_softmax
+    s = log_p(student_cls / STUDENT_TEMP, dim=-1).view(V, B, -1)  # log softmax(s_v / tau_s)
+    s_patch = log_p(student_patch / STUDENT_TEMP, dim=-1).view(g, B, *student_patch.shape[1:])
+
+    # L_cls = 1/(g(V-1)) sum_{u<=g} sum_{v != u} mean_batch[-P_u . log softmax(s_v / tau_s)]
+    pairs = [(u, v) for u in range(g) for v in range(V) if v != u or mistake == "cls-same-view-pairs"]
+    n_pairs = {"cls-count-g-V": g * V, "cls-count-V-V1": V * (V - 1)}.get(mistake, len(pairs))
+    loss_cls = sum(-(P[u] * s[v]).sum(-1).mean() for u, v in pairs) / n_pairs
+
+    # L_mim = 1/g sum_{u<=g} mean_batch[sum_n m_un (-Q_un . log softmax(s_un / tau_s)) / max(1, sum_n m_un)]
+    across = mistake == "patch-across-views"
+    pairs = [(u, v) for u in range(g) for v in range(g) if u == v or across]
+    loss_patch = 0.0
+    for u, v in pairs:  # teacher view u, student view v (masked by m_v)
+        ce = (-(Q[u] * s_patch[v]).sum(-1) * m[v]).sum(-1)  # (B,) summed over the masked patches of each image
+        if mistake == "patch-mean-over-batch":
+            loss_patch = loss_patch + ce.sum() / m[v].sum().clamp(min=1)
+        elif mistake == "patch-mean-over-masked-images":
+            has_mask = m[v].sum(-1) > 0
+            loss_patch = loss_patch + (ce / m[v].sum(-1).clamp(min=1))[has_mask].sum() / has_mask.sum().clamp(min=1)
+        else:
+            loss_patch = loss_patch + (ce / m[v].sum(-1).clamp(min=1)).mean()
+    loss_patch = loss_patch / {"patch-count-all-crops": V, "patch-across-views": g * g}.get(mistake, g)
+    return {"cls": loss_cls, "patch": loss_patch, "loss": loss_cls + loss_patch}, new_center, new_patch_center
+
+
+class MutatedReference(nn.Module):
+    """reference_loss with its centres kept between calls, as a loss object with IBOTLoss's call signature."""
+
+    def __init__(self, out_dim: int, patch_out_dim: int, n_global_crops: int, n_local_crops: int,
+                 mistake: str | None = None):
+        super().__init__()
+        self.n_global_crops, self.mistake = n_global_crops, mistake
+        self.register_buffer("center", torch.zeros(out_dim))  # c
+        self.register_buffer("patch_center", torch.zeros(patch_out_dim))  # c'
+
+    def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, masks, teacher_temp, teacher_patch_temp):
+        terms, self.center, self.patch_center = reference_loss(
+            student_cls, student_patch, teacher_cls, teacher_patch, masks, teacher_temp, teacher_patch_temp,
+            self.center, self.patch_center, self.n_global_crops, self.mistake)
+        return terms
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- the cases ----
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    g: int  # global crops
+    l: int  # local crops
+    B: int  # images
+    N: int  # patches per global crop
+    K: int  # prototypes of the [CLS] head
+    K_p: int  # prototypes of the patch head
+    tau_t: float
+    tau_tp: float  # tau_t'
+    scale: float = 1.0  # logit scale: 20 gives near one-hot targets and student log-probabilities in the hundreds
+    edge_masks: bool = False  # in each global view, image 0 has no masked patch and image 1 is fully masked
+
+
+CASES = (
+    Case("1 global + 1 local, B=1", 1, 1, 1, 9, 16, 12, 0.04, 0.06),
+    Case("2 global, no local", 2, 0, 3, 9, 16, 12, 0.05, 0.07),
+    Case("2 global + 3 local", 2, 3, 2, 16, 32, 24, 0.07, 0.04),
+    Case("1 global + 4 local", 1, 4, 3, 9, 24, 16, 0.04, 0.05),
+    Case("3 global + 2 local", 3, 2, 2, 9, 16, 12, 0.06, 0.04),
+    Case("unmasked and fully masked images", 2, 2, 4, 9, 16, 12, 0.04, 0.07, edge_masks=True),
+    Case("large logits (x20)", 2, 2, 2, 9, 64, 48, 0.04, 0.06, scale=20.0),
+)
+LOGITS = ("student_cls", "student_patch", "teacher_cls", "teacher_patch")  # the differentiable inputs, in order
+
+
+def case_inputs(case: Case, index: int, call: int) -> dict[str, torch.Tensor]:
+    """Seeded crop-major fp32 inputs of one call. The teacher's logits share a per-prototype offset across calls,
+    so the centres grow from call to call and a mistake in centring shows."""
+    offset_gen = torch.Generator().manual_seed(index)
+    offset_cls, offset_patch = torch.randn(case.K, generator=offset_gen), torch.randn(case.K_p, generator=offset_gen)
+    gen = torch.Generator().manual_seed(1000 * index + call)
+    V, gB = case.g + case.l, case.g * case.B
+    masks = torch.rand(gB, case.N, generator=gen) < 0.2 + 0.5 * torch.rand(gB, 1, generator=gen)
+    if case.edge_masks:
+        masks.view(case.g, case.B, case.N)[:, 0] = False
+        masks.view(case.g, case.B, case.N)[:, 1] = True
+    return {
+        "student_cls": case.scale * torch.randn(V * case.B, case.K, generator=gen),
+        "student_patch": case.scale * torch.randn(gB, case.N, case.K_p, generator=gen),
+        "teacher_cls": case.scale * (offset_cls + torch.randn(gB, case.K, generator=gen)),
+        "teacher_patch": case.scale * (offset_patch + torch.randn(gB, case.N, case.K_p, generator=gen)),
+        "masks": masks,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- layouts: crop-major rows v*B + b, image-major rows b*V + v, or one tensor per view ----
+
+
+def to_layout(x: torch.Tensor, views: int, layout: str):
+    """(views*B, ...) crop-major -> the same rows in `layout`: a tensor, or a list of `views` tensors (B, ...)."""
+    if layout == "per-crop":
+        return list(x.chunk(views))
+    if layout == "batch-major":
+        return x.unflatten(0, (views, -1)).transpose(0, 1).flatten(0, 1)
+    return x
+
+
+def from_layout(x, views: int, layout: str) -> torch.Tensor:
+    """The inverse of to_layout."""
+    if layout == "per-crop":
+        return torch.cat(list(x))
+    if layout == "batch-major":
+        return x.unflatten(0, (-1, views)).transpose(0, 1).flatten(0, 1)
+    return x
+
+
+def observe(loss, inputs: dict[str, torch.Tensor], case: Case, layout: str = "official") -> dict[str, torch.Tensor]:
+    """One call of `loss` on fresh leaves in `layout`; what it produced, crop-major: its terms, the gradients of its
+    total w.r.t. the four logit inputs (zero where none flows), and its centres (flattened) where it exposes them."""
+    V, g = case.g + case.l, case.g
+    views = {"student_cls": V, "student_patch": g, "teacher_cls": g, "teacher_patch": g, "masks": g}
+    args = {name: to_layout(x, views[name], layout) for name, x in inputs.items()}
+    leaves = {}
+    for name in LOGITS:  # the teacher's too: a target that is not detached shows in their gradients
+        leaves[name] = [x.clone().requires_grad_() for x in (args[name] if layout == "per-crop" else [args[name]])]
+        args[name] = leaves[name] if layout == "per-crop" else leaves[name][0]
+    terms = as_terms(loss(*(args[name] for name in (*LOGITS, "masks")), case.tau_t, case.tau_tp))
+    if terms["loss"].requires_grad:
+        terms["loss"].backward()
+    seen = {name: value.detach().float() for name, value in terms.items()}
+    for name, parts in leaves.items():
+        grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in parts]
+        seen[f"grad {name}"] = from_layout(grads if layout == "per-crop" else grads[0], views[name], layout)
+    for label, attributes in (("centre c", ("center",)), ("centre c'", ("center2", "patch_center"))):
+        centre = next((getattr(loss, a) for a in attributes if torch.is_tensor(getattr(loss, a, None))), None)
+        if centre is not None:
+            seen[label] = centre.detach().float().flatten().clone()
+    return seen
+
+
+def as_terms(out) -> dict[str, torch.Tensor]:
+    """A loss's return value -> {"loss"[, "cls", "patch"]}, each a 0-d tensor."""
+    if torch.is_tensor(out):
+        out = {"loss": out}
+    if not isinstance(out, dict) or "loss" not in out:
+        raise UsageError(f"your loss returned {type(out).__name__}; expected a tensor or a dict with 'loss'")
+    terms = {}
+    for name in ("loss", "cls", "patch"):
+        if name in out:
+            value = torch.as_tensor(out[name])
+            if value.numel() != 1:
+                raise UsageError(f"your loss's {name!r} has shape {tuple(value.shape)}; expected a scalar")
+            terms[name] = value.reshape(())
+    return terms
+
+
+def agrees(yours: torch.Tensor, ours: torch.Tensor) -> bool:
+    return yours.shape == ours.shape and torch.allclose(yours, ours, rtol=RTOL, atol=ATOL, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- the check ----
+
+
+def check(factory, layout: str = "official") -> dict:
+    """Run factory's loss and IBOTLoss over CASES; returns the report that main prints (or dumps with --json)."""
+    if layout not in LAYOUTS:
+        raise UsageError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    rows, records, not_compared = [], [], set()
+    for index, case in enumerate(CASES):
+        kwargs = dict(out_dim=case.K, patch_out_dim=case.K_p, n_global_crops=case.g, n_local_crops=case.l)
+        try:
+            user_loss = factory(**kwargs)
+        except Exception as error:
+            call = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+            raise UsageError(f"{getattr(factory, '__name__', 'FACTORY')}({call}) raised "
+                             f"{type(error).__name__}: {error}") from None
+        if not callable(user_loss):
+            raise UsageError(f"the factory returned {type(user_loss).__name__}, which cannot be called")
+        ours = IBOTLoss(case.K, case.K_p, case.g, case.l)
+        for call in range(1, CALLS + 1):
+            inputs = case_inputs(case, index, call)
+            try:
+                yours = observe(user_loss, inputs, case, layout)
+            except UsageError:
+                raise
+            except Exception as error:
+                raise UsageError(f"your loss raised {type(error).__name__}: {error} (case '{case.name}', call "
+                                 f"{call}, --layout {layout})") from None
+            expected = observe(ours, inputs, case)
+            records.append(yours)
+            not_compared |= expected.keys() - yours.keys()
+            rows += [row(case, call, term, yours[term], expected[term]) for term in expected if term in yours]
+    ok = all(r["ok"] for r in rows)
+    return {"ok": ok, "layout": layout, "rtol": RTOL, "atol": ATOL, "calls_per_case": CALLS,
+            "cases": [asdict(case) for case in CASES], "not_compared": sorted(not_compared), "rows": rows,
+            "mistakes": [] if ok else [{"name": name, "what": MISTAKES[name]} for name in MISTAKES
+                                       if reproduces(name, records)]}
+
+
+def row(case: Case, call: int, term: str, yours: torch.Tensor, ours: torch.Tensor) -> dict:
+    """One comparison; a tensor is shown by its L2 norm, and a value that is not finite as text ("nan", "inf"),
+    which keeps --json strict JSON."""
+    def shown(x: torch.Tensor) -> float | str:
+        value = float(x) if x.ndim == 0 else float(x.norm())
+        return value if math.isfinite(value) else str(value)
+    diff = shown((yours - ours).abs().max()) if yours.shape == ours.shape else "shapes differ"
+    return {"case": case.name, "call": call, "term": term, "yours": shown(yours), "ours": shown(ours),
+            "max_abs_diff": diff, "finite": bool(yours.isfinite().all()), "ok": agrees(yours, ours)}
+
+
+def reproduces(mistake: str, records: list[dict]) -> bool:
+    """Does the reference with `mistake` applied give every number recorded from the user's loss?"""
+    records = iter(records)
+    for index, case in enumerate(CASES):
+        mutated = MutatedReference(case.K, case.K_p, case.g, case.l, mistake)
+        for call in range(1, CALLS + 1):
+            yours, theirs = next(records), observe(mutated, case_inputs(case, index, call), case)
+            if not all(agrees(yours[term], theirs[term]) for term in yours):
+                return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- command line ----
+
+
+def load_factory(spec: str):
+    """'my_loss.py:make_loss' or 'package.module:make_loss' -> the factory."""
+    module_name, colon, name = spec.rpartition(":")
+    if not colon or not module_name or not name:
+        raise UsageError(f"expected MODULE:FACTORY (e.g. my_loss.py:make_loss), got {spec!r}")
+    try:
+        if module_name.endswith(".py") or os.sep in module_name:
+            path = Path(module_name)
+            if not path.is_file():
+                raise UsageError(f"no such file: {module_name}")
+            sys.path.insert(0, str(path.resolve().parent))  # so that the file can import its neighbours
+            spec_ = importlib.util.spec_from_file_location(path.stem, path)
+            module = sys.modules[path.stem] = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(module)
+        else:
+            sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except UsageError:
+        raise
+    except Exception as error:
+        raise UsageError(f"cannot import {module_name}: {type(error).__name__}: {error}") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise UsageError(f"{module_name} has no callable named {name!r}")
+    return factory
+
+
+def print_report(report: dict) -> None:
+    """Per case: the first call at which each differing term differs, or the total of the last call when all agree."""
+    lines = [("case", "term", "yours", "ours", "verdict")]
+    for case in report["cases"]:
+        rows = [r for r in report["rows"] if r["case"] == case["name"]]
+        bad = {}
+        for r in rows:
+            if not r["ok"]:
+                bad.setdefault(r["term"], r)
+        last_total = next(r for r in rows if r["call"] == CALLS and r["term"] == "loss")
+        for r in bad.values() or [last_total]:
+            verdict = "ok" if r["ok"] else f"DIFFERS at call {r['call']}" + ("" if r["finite"] else ", not finite")
+            lines.append((case["name"], r["term"], *(f"{v:.6g}" if isinstance(v, float) else v
+                                                     for v in (r["yours"], r["ours"])), verdict))
+    widths = [max(len(line[i]) for line in lines) for i in range(5)]
+    for line in lines:
+        print(f"{line[0]:<{widths[0]}}  {line[1]:<{widths[1]}}  {line[2]:>{widths[2]}}  {line[3]:>{widths[3]}}  "
+              f"{line[4]}")
+    compared = ", ".join(dict.fromkeys(r["term"] for r in report["rows"]))
+    print(textwrap.fill(f"\ncompared after each of {CALLS} calls per case: {compared}; a tensor is shown by its L2 "
+                        "norm", 116, replace_whitespace=False))
+    print(f"agree: |yours - ours| <= {ATOL:g} + {RTOL:g} |ours| everywhere")
+    if report["not_compared"]:
+        print(f"not compared (your loss does not give them): {', '.join(report['not_compared'])}")
+    if report["ok"]:
+        print(f"PASS: your loss agrees with IBOTLoss in all {len(report['cases'])} cases (--layout {report['layout']})")
+        return
+    failed = len({r["case"] for r in report["rows"] if not r["ok"]})
+    print(f"FAIL: {failed} of {len(report['cases'])} cases differ (--layout {report['layout']})")
+    for mistake in report["mistakes"]:
+        print(f"likely mistake: {mistake['name']}: {mistake['what']}")
+    if not report["mistakes"]:
+        print("no known mistake matches (see MISTAKES in check_loss.py); start from the first DIFFERS row above")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("factory", help="MODULE:FACTORY, MODULE importable or a path to a .py file")
+    parser.add_argument("--layout", choices=LAYOUTS, default="official",
+                        help="row order of your inputs: crop-major (as IBOTLoss), image-major, or per-view lists")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (for CI) instead of the table")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # tiny tensors: intra-op threads cost more than they save
+    try:
+        report = check(load_factory(args.factory), args.layout)
+    except UsageError as error:
+        print(f"check_loss: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, allow_nan=False))
+    else:
+        print_report(report)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Draw a run's curves from its log.jsonl: `python plot_run.py RUN_DIR [RUN_DIR ...]` writes RUN_DIR/curves.png.
+
+train.py calls plot() at the end of every run. Six panels against images seen: the loss terms beside ln K
+(the loss of a uniform prediction), kNN top-1 (with the random-init score at 0 images), the teacher's target
+entropies per image and per batch beside ln K, the mean cosine between images' teacher features and the share
+of prototypes in use, the schedules (lr, tau_t, m), and the throughput.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} has no log.jsonl: expected a train.py output folder")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot(run_dir: Path, out: Path | None = None) -> Path | None:
+    """log.jsonl of run_dir -> a PNG of its curves (default run_dir/curves.png); None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_log(run_dir)
+    train_rows = [r for r in rows if "loss" in r]
+
+    def series(key, rows=train_rows):
+        pts = [(r.get("images_seen", r["step"]), r[key]) for r in rows if key in r and r[key] is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    ax = axes[0, 0]
+    for key in ("loss", "cls", "patch", "koleo"):
+        ax.plot(*series(key), marker=".", label=key)
+    ln_k = next((r["ln_K"] for r in train_rows if "ln_K" in r), None)
+    if ln_k:
+        ax.axhline(ln_k, color="gray", ls="--", label=f"ln K = {ln_k:.2f}")
+    ax.set_title("loss terms"), ax.legend()
+    ax = axes[0, 1]
+    ax.plot(*series("knn_top1", rows), marker="o")
+    ax.set_title("kNN top-1 (%), teacher [CLS]")
+    ax = axes[0, 2]
+    for key in ("target_entropy", "batch_entropy"):
+        ax.plot(*series(key), marker=".", label=key)
+    if ln_k:
+        ax.axhline(ln_k, color="gray", ls="--", label="ln K")
+    ax.set_title("teacher target entropy (nats)"), ax.legend()
+    ax = axes[1, 0]
+    for key in ("feature_cosine", "prototypes_used"):
+        ax.plot(*series(key), marker=".", label=key)
+    ax.set_ylim(-0.05, 1.05), ax.set_title("collapse diagnostics"), ax.legend()
+    ax = axes[1, 1]
+    for key, scale in (("lr", None), ("teacher_temp", None), ("momentum", None)):
+        x, y = series(key)
+        if y:
+            top = max(abs(v) for v in y) or 1.0
+            ax.plot(x, [v / top for v in y], marker=".", label=f"{key} / {top:.3g}")
+    ax.set_title("schedules (each over its maximum)"), ax.legend()
+    ax = axes[1, 2]
+    ax.plot(*series("img_per_s"), marker=".")
+    ax.set_title("throughput (img/s)")
+    for ax in axes.flat:
+        ax.set_xlabel("images seen")
+        ax.grid(alpha=0.3)
+    last = train_rows[-1] if train_rows else {}
+    minutes = last.get("elapsed_s", math.nan) / 60
+    fig.suptitle(f"{Path(run_dir).resolve().name}: {len(train_rows)} log rows, {minutes:.1f} min")
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    dirs = sys.argv[1:] if argv is None else argv
+    if not dirs:
+        print("usage: python plot_run.py RUN_DIR [RUN_DIR ...]", file=sys.stderr)
+        return 2
+    for d in dirs:
+        try:
+            path = plot(Path(d))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if path is None:
+            print("error: plotting needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return 1
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

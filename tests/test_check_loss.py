@@ -1,0 +1,321 @@
+"""Tests for check_loss.py: its mutated reference equals IBOTLoss when no mistake is applied (hypothesis), IBOTLoss
+passes in every layout, every known mistake is named (from the mutated reference and from a loss written
+independently in the official code's style), and the command line's output, JSON and usage errors.
+"""
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import check_loss as cl
+from ibot_min import IBOTLoss
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = settings(max_examples=25, deadline=None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: on a small shared CPU, intra-op threads cost more in hand-offs than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- user losses written here, independently of check_loss ----
+
+
+class BatchMajorIBOT(nn.Module):
+    """IBOTLoss behind image-major rows (b*V + v), as a user with that layout would have it."""
+
+    def __init__(self, out_dim, patch_out_dim, n_global_crops, n_local_crops):
+        super().__init__()
+        self.inner = IBOTLoss(out_dim, patch_out_dim, n_global_crops, n_local_crops)
+        self.g, self.V = n_global_crops, n_global_crops + n_local_crops
+        self.center, self.patch_center = self.inner.center, self.inner.patch_center
+
+    def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, masks, tau_t, tau_tp):
+        def crop_major(x, views):  # row b*views + v -> row v*B + b
+            B = x.shape[0] // views
+            return torch.stack([x[b * views + v] for v in range(views) for b in range(B)])
+        g = self.g
+        return self.inner(crop_major(student_cls, self.V), crop_major(student_patch, g), crop_major(teacher_cls, g),
+                          crop_major(teacher_patch, g), crop_major(masks, g), tau_t, tau_tp)
+
+
+class PerCropIBOT(IBOTLoss):
+    """IBOTLoss behind lists of per-view tensors, as lightly and DINOv2 pass them."""
+
+    def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, masks, tau_t, tau_tp):
+        return super().forward(torch.cat(student_cls), torch.cat(student_patch), torch.cat(teacher_cls),
+                               torch.cat(teacher_patch), torch.cat(masks), tau_t, tau_tp)
+
+
+class OfficialStyleLoss(nn.Module):
+    """A loss written as the official iBOT code writes it (loops over chunked crops, centres `center` (1, K) and
+    `center2` (1, 1, K_p)), where `mistake` switches on one of the known mistakes in the way a user would make it,
+    or "no-clamp", which is not among them: 0/0 for an image without a masked patch."""
+
+    def __init__(self, out_dim, patch_out_dim, n_global_crops, n_local_crops, mistake=None):
+        super().__init__()
+        self.g, self.V, self.mistake = n_global_crops, n_global_crops + n_local_crops, mistake
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("center2", torch.zeros(1, 1, patch_out_dim))
+
+    def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, masks, teacher_temp, teacher_patch_temp):
+        if self.mistake == "centre-before-targets":
+            self.update_center(teacher_cls, teacher_patch)
+        if self.mistake != "teacher-not-detached":
+            teacher_cls, teacher_patch = teacher_cls.detach(), teacher_patch.detach()
+        log_p = F.softmax if self.mistake == "softmax-student" else F.log_softmax
+        center2 = 0 if self.mistake == "no-patch-centring" else self.center2
+        student_cls_c = (student_cls / 0.1).chunk(self.V)
+        student_patch_c = (student_patch / 0.1).chunk(self.g)
+        teacher_cls_c = F.softmax((teacher_cls - self.center) / teacher_temp, dim=-1).chunk(self.g)
+        teacher_patch_c = F.softmax((teacher_patch - center2) / teacher_patch_temp, dim=-1).chunk(self.g)
+        masks_c = masks.float().chunk(self.g)
+        total1 = total2 = 0
+        n1 = n2 = 0
+        for q in range(self.g):
+            for v in range(self.V):
+                if v == q:
+                    loss2 = torch.sum(-teacher_patch_c[q] * log_p(student_patch_c[v], dim=-1), dim=-1)
+                    mask = masks_c[v]
+                    if self.mistake == "patch-mean-over-batch":
+                        total2 = total2 + (loss2 * mask).sum() / mask.sum().clamp(min=1.0)
+                    else:
+                        masked = mask.sum(dim=-1) if self.mistake == "no-clamp" else mask.sum(dim=-1).clamp(min=1.0)
+                        total2 = total2 + (torch.sum(loss2 * mask, dim=-1) / masked).mean()
+                    n2 += 1
+                    if self.mistake != "cls-same-view-pairs":
+                        continue
+                loss1 = torch.sum(-teacher_cls_c[q] * log_p(student_cls_c[v], dim=-1), dim=-1)
+                total1 = total1 + loss1.mean()
+                n1 += 1
+        total1, total2 = total1 / n1, total2 / n2
+        if self.mistake != "centre-before-targets":
+            self.update_center(teacher_cls, teacher_patch)
+        return {"cls": total1, "patch": total2, "loss": total1 + total2}
+
+    @torch.no_grad()
+    def update_center(self, teacher_cls, teacher_patch):
+        self.center = self.center * 0.9 + teacher_cls.sum(0, keepdim=True) / len(teacher_cls) * 0.1
+        patch_center = teacher_patch.mean(1).sum(0, keepdim=True) / len(teacher_patch)
+        self.center2 = self.center2 * 0.9 + patch_center * 0.1
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- 1. the mutated reference without a mistake is IBOTLoss; the layouts round-trip ----
+
+
+@FAST
+@given(gl=st.tuples(st.integers(1, 3), st.integers(0, 3)).filter(lambda gl: sum(gl) >= 2), B=st.integers(1, 3),
+       N=st.integers(1, 6), K=st.integers(2, 8), K_p=st.integers(2, 8), tau_t=st.floats(0.02, 0.2),
+       tau_tp=st.floats(0.02, 0.2), p_mask=st.sampled_from([0.0, 0.4, 1.0]), scale=st.sampled_from([1.0, 20.0]),
+       seed=st.integers(0, 2**16))
+def test_reference_without_mistake_is_ibot_loss(gl, B, N, K, K_p, tau_t, tau_tp, p_mask, scale, seed):
+    g, l = gl
+    gen = torch.Generator().manual_seed(seed)
+    logits = [scale * torch.randn(shape, generator=gen) for shape in
+              [((g + l) * B, K), (g * B, N, K_p), (g * B, K), (g * B, N, K_p)]]
+    masks = torch.rand(g * B, N, generator=gen) < p_mask
+    ours = IBOTLoss(K, K_p, g, l)
+    ours.center.copy_(torch.randn(1, K, generator=gen))
+    ours.patch_center.copy_(torch.randn(1, 1, K_p, generator=gen))
+    center, patch_center = ours.center.flatten().clone(), ours.patch_center.flatten().clone()
+
+    leaves_ours = [x.clone().requires_grad_() for x in logits]
+    expected = ours(*leaves_ours, masks, tau_t, tau_tp)
+    expected["loss"].backward()
+    leaves_ref = [x.clone().requires_grad_() for x in logits]
+    terms, new_center, new_patch_center = cl.reference_loss(*leaves_ref, masks, tau_t, tau_tp, center, patch_center, g)
+    terms["loss"].backward()
+
+    tol = dict(rtol=cl.RTOL, atol=cl.ATOL)
+    for name in ("cls", "patch", "loss"):
+        torch.testing.assert_close(terms[name], expected[name], **tol)
+    for mine, theirs in zip(leaves_ref[:2], leaves_ours[:2]):
+        torch.testing.assert_close(mine.grad, theirs.grad, **tol)
+    torch.testing.assert_close(new_center, ours.center.flatten(), **tol)
+    torch.testing.assert_close(new_patch_center, ours.patch_center.flatten(), **tol)
+
+
+@FAST
+@given(views=st.integers(1, 4), B=st.integers(1, 4), layout=st.sampled_from(cl.LAYOUTS))
+def test_layouts_round_trip_and_order_rows(views, B, layout):
+    x = torch.arange(views * B).view(-1, 1)  # crop-major: row v*B + b holds v*B + b
+    y = cl.to_layout(x, views, layout)
+    torch.testing.assert_close(cl.from_layout(y, views, layout), x)
+    if layout == "batch-major":
+        assert [int(y[b * views + v]) for v in range(views) for b in range(B)] == list(range(views * B))
+    if layout == "per-crop":
+        assert len(y) == views and all(int(t[b]) == v * B + b for v, t in enumerate(y) for b in range(B))
+
+
+def test_unknown_mistake_is_refused():
+    with pytest.raises(ValueError, match="unknown mistake 'cls-typo'; expected one of cls-same-view-pairs"):
+        cl.MutatedReference(4, 4, 1, 1, "cls-typo")(*[torch.zeros(2, 4), torch.zeros(1, 1, 4), torch.zeros(1, 4),
+                                                       torch.zeros(1, 1, 4)], torch.ones(1, 1, dtype=torch.bool),
+                                                     0.04, 0.04)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- 2. correct losses pass, in every layout; a wrong layout fails ----
+
+
+@pytest.mark.parametrize("layout, factory", [("official", IBOTLoss), ("batch-major", BatchMajorIBOT),
+                                             ("per-crop", PerCropIBOT), ("official", OfficialStyleLoss)])
+def test_correct_losses_pass(layout, factory):
+    report = cl.check(factory, layout)
+    assert report["ok"] and report["mistakes"] == [] and report["not_compared"] == []
+    terms = {r["term"] for r in report["rows"]}
+    assert terms == {"loss", "cls", "patch", "centre c", "centre c'", "grad student_cls", "grad student_patch",
+                     "grad teacher_cls", "grad teacher_patch"}
+    assert len(report["rows"]) == len(cl.CASES) * cl.CALLS * len(terms)
+
+
+def test_ibot_loss_in_the_wrong_layout_fails():
+    report = cl.check(IBOTLoss, "batch-major")
+    assert not report["ok"]
+    assert all(r["ok"] for r in report["rows"] if r["case"] == "1 global + 1 local, B=1")  # B = 1: same rows
+
+
+def test_a_total_without_terms_or_centres_is_checked_on_what_it_gives():
+    def factory(**sizes):
+        loss = IBOTLoss(**sizes)
+        return lambda *args: loss(*args)["loss"]
+    report = cl.check(factory)
+    assert report["ok"] and report["not_compared"] == ["centre c", "centre c'", "cls", "patch"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- 3. every known mistake is named, and only it ----
+
+
+@pytest.mark.parametrize("mistake", list(cl.MISTAKES))
+def test_each_mutation_is_named_alone(mistake):
+    report = cl.check(functools.partial(cl.MutatedReference, mistake=mistake))
+    assert not report["ok"]
+    assert [m["name"] for m in report["mistakes"]] == [mistake]
+
+
+@pytest.mark.parametrize("mistake", ["cls-same-view-pairs", "patch-mean-over-batch", "centre-before-targets",
+                                     "no-patch-centring", "teacher-not-detached", "softmax-student"])
+def test_hand_written_mistakes_are_named(mistake):
+    report = cl.check(functools.partial(OfficialStyleLoss, mistake=mistake))
+    assert not report["ok"]
+    assert [m["name"] for m in report["mistakes"]] == [mistake]
+
+
+def test_teacher_gradients_alone_reveal_an_undetached_target():
+    report = cl.check(functools.partial(OfficialStyleLoss, mistake="teacher-not-detached"))
+    bad = {r["term"] for r in report["rows"] if not r["ok"]}
+    assert bad == {"grad teacher_cls", "grad teacher_patch"}
+
+
+def test_an_unknown_mistake_is_reported_as_such():
+    class DoubledPatch(IBOTLoss):
+        def forward(self, *args):
+            out = super().forward(*args)
+            return {"cls": out["cls"], "patch": 2 * out["patch"], "loss": out["cls"] + 2 * out["patch"]}
+    report = cl.check(DoubledPatch)
+    assert not report["ok"] and report["mistakes"] == []
+
+
+def test_a_nan_is_shown_and_kept_out_of_the_json(capsys):
+    report = cl.check(functools.partial(OfficialStyleLoss, mistake="no-clamp"))  # 0/0 for an image without masks
+    assert not report["ok"] and report["mistakes"] == []
+    assert {r["case"] for r in report["rows"] if not r["finite"]} == {"unmasked and fully masked images"}
+    json.loads(json.dumps(report, allow_nan=False))
+    cl.print_report(report)
+    assert "DIFFERS at call 1, not finite" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- 4. the command line ----
+
+WRONG_LOSS = '''
+from ibot_min import IBOTLoss
+
+class SharedTemperature(IBOTLoss):
+    def forward(self, s_cls, s_patch, t_cls, t_patch, masks, teacher_temp, teacher_patch_temp):
+        return super().forward(s_cls, s_patch, t_cls, t_patch, masks, teacher_temp, teacher_temp)
+
+def make_loss(**sizes):
+    return SharedTemperature(**sizes)
+
+def make_ours(**sizes):
+    return IBOTLoss(**sizes)
+
+def make_broken(out_dim, patch_out_dim, n_global_crops, n_local_crops):
+    raise RuntimeError("no GPU here")
+
+def make_two_argument_loss(**sizes):
+    return lambda student_cls, teacher_cls: 0.0
+
+def make_tuple_loss(**sizes):
+    loss = IBOTLoss(**sizes)
+    return lambda *args: tuple(loss(*args).values())
+'''
+
+
+@pytest.fixture
+def user_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # load_factory adds the file's folder
+    path = tmp_path / "my_loss.py"
+    path.write_text(WRONG_LOSS)
+    return path
+
+
+def test_cli_passes_ibot_loss_and_names_a_mistake(user_file):
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=120, cwd=user_file.parent)
+    ours = run([sys.executable, str(ROOT / "check_loss.py"), "my_loss.py:make_ours"])
+    assert ours.returncode == 0, ours.stderr
+    assert "PASS: your loss agrees with IBOTLoss in all 7 cases" in ours.stdout and ours.stderr == ""
+    wrong = run([sys.executable, str(ROOT / "check_loss.py"), "my_loss:make_loss", "--json"])  # importable name
+    assert wrong.returncode == 1, wrong.stderr
+    report = json.loads(wrong.stdout)
+    assert not report["ok"] and [m["name"] for m in report["mistakes"]] == ["cls-temp-for-patches"]
+
+
+def test_table_names_the_mistake(user_file, capsys):
+    assert cl.main([f"{user_file}:make_loss"]) == 1
+    out = capsys.readouterr().out
+    assert "patch    " in out and "DIFFERS at call 1" in out
+    assert "likely mistake: cls-temp-for-patches: the [CLS] temperature tau_t used for the patch targets" in out
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("my_loss.py", "expected MODULE:FACTORY (e.g. my_loss.py:make_loss), got 'my_loss.py'"),
+    ("no_such_module:make", "cannot import no_such_module: ModuleNotFoundError: No module named 'no_such_module'"),
+    ("missing.py:make", "no such file: missing.py"),
+    ("{file}:make_nothing", "has no callable named 'make_nothing'"),
+    ("{file}:make_broken", "make_broken(out_dim=16, patch_out_dim=12, n_global_crops=1, n_local_crops=1) raised "
+                           "RuntimeError: no GPU here"),
+    ("{file}:make_two_argument_loss", "your loss raised TypeError: "),
+    ("{file}:make_tuple_loss", "your loss returned tuple; expected a tensor or a dict with 'loss'"),
+])
+def test_usage_errors_give_one_line_and_exit_2(user_file, capsys, spec, message):
+    assert cl.main([spec.format(file=user_file)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("check_loss: ") and captured.err.count("\n") == 1
+    assert message in captured.err
+
+
+def test_bad_syntax_in_the_user_file_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "broken.py").write_text("def make_loss(:\n")
+    assert cl.main([f"{tmp_path / 'broken.py'}:make_loss"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("check_loss: cannot import ") and "SyntaxError" in err and "Traceback" not in err
