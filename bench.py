@@ -7,6 +7,7 @@ to this file with the same flags and prints the same line.
     python bench.py --dataset synthetic --arch vit_tiny --patch-size 4 --global-size 32 --local-size 16 \\
         --local-crops 6 --batch-size 64 --out-dim 4096 --device cpu            # the README's CPU shape
     python bench.py [same flags] --profile     # + a torch.profiler table of one step, operators by self time
+    python bench.py [same flags] --attention   # + SDPA against matmul + softmax at the step's shapes
 
 JSON fields: img_per_s and step_s (median of the timed steps, after 3 warm-up steps), gflop_per_img and
 tflop_per_s (FlopCounterMode on one eager step); on CUDA the card's name, peak memory and MFU against its
@@ -24,8 +25,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+import ibot_min as M
 import train
-from runtime import cpu_has_bf16_matrix_units, print0
+from runtime import cpu_has_bf16_matrix_units, pick_device, pick_precision, print0
 
 WARMUP_STEPS = 3
 # dense bf16 peak of the cards we quote MFU against (vendor figures)
@@ -91,13 +93,41 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / statistics.median(times[1:]) / 1e12
 
 
+def attention_paths(args, repeats: int = 5) -> list[dict]:
+    """Forward + backward of attention alone at the step's two lengths (global and local crops), in the run's
+    precision: SDPA against the plain matmul + softmax that ibot_min.Attention uses for bf16 on a CPU."""
+    arch = M.ARCHS[args.arch]
+    heads, d = arch["num_heads"], arch["embed_dim"] // arch["num_heads"]
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    rows = []
+    for n, size in ((2 * args.batch_size, args.global_size), (args.local_crops * args.batch_size, args.local_size)):
+        shape = (n, heads, 1 + (size // args.patch_size) ** 2, d)  # (B, h, T, d)
+        row = dict(shape=list(shape), dtype=str(dtype).removeprefix("torch."))
+        for name, fn in (("sdpa_ms", torch.nn.functional.scaled_dot_product_attention),
+                         ("plain_ms", lambda q, k, v: M.Attention.attention_weights(q, k).to(v.dtype) @ v)):
+            q, k, v = (torch.randn(shape, dtype=dtype, device=args.device, requires_grad=True) for _ in range(3))
+            times = []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                fn(q, k, v).float().sum().backward()
+                times.append(time.perf_counter() - t0)
+            row[name] = 1000 * statistics.median(times[1:])
+        rows.append(row)
+        print0(json.dumps(row))
+    return rows
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    profile_step = "--profile" in argv
-    argv = [a for a in argv if a != "--profile"]
+    profile_step, attention = "--profile" in argv, "--attention" in argv
+    argv = [a for a in argv if a not in ("--profile", "--attention")]
     try:
         args = train.parse_args(argv)
         args.benchmark = args.benchmark or 5
+        if attention:
+            args.device = pick_device(args.device)
+            args.precision = pick_precision(args.precision, args.device)
+            attention_paths(args)
         benchmark(args, profile_step)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -104,13 +104,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
         q, k, v = self._qkv(x)  # each (B, h, T, d)
-        x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels where available
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # bf16 on a CPU: two matmuls and a softmax (AMX tiles) beat SDPA's CPU flash kernel 3-5x at ViT
+            # lengths (bench.py --attention prints both); the same attention, within bf16 rounding
+            x = self.attention_weights(q, k).to(v.dtype) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels where available
         return self.proj(rearrange(x, "b h t d -> b t (h d)"))
+
+    @staticmethod
+    def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # (B, h, T, d) x2 -> (B, h, T, T)
+        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # softmax(q k^T / sqrt(d))
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, h, T, T)
         """The plain softmax(q k^T / sqrt(d)) that SDPA computes internally, for pictures and tests."""
         q, k, _ = self._qkv(x)
-        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        return self.attention_weights(q, k)
 
 
 class Mlp(nn.Module):
@@ -151,15 +160,17 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = 12,
-                 num_heads: int = 6, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, embed_dim: int = 384,
+                 depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
                  masked_embed: bool = False, in_chans: int = 3):
         super().__init__()
-        if img_size % patch_size:
+        height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+        if height % patch_size or width % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
         self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        num_patches = (img_size // patch_size) ** 2
+        self.grid = (height // patch_size, width // patch_size)  # the position embeddings' (h, w) patch grid
+        num_patches = self.grid[0] * self.grid[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
         rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth rises over the blocks
@@ -175,11 +186,9 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def interpolate_pos_embed(self, h: int, w: int) -> torch.Tensor:  # -> (1, 1 + h*w, D)
-        n = self.pos_embed.shape[1] - 1
-        if n == h * w and h == w:
+        if (h, w) == self.grid:
             return self.pos_embed
-        side = int(math.sqrt(n))
-        grid = rearrange(self.pos_embed[:, 1:], "1 (i j) d -> 1 d i j", i=side)
+        grid = rearrange(self.pos_embed[:, 1:], "1 (i j) d -> 1 d i j", i=self.grid[0])
         grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(grid.dtype)
         return torch.cat([self.pos_embed[:, :1], rearrange(grid, "1 d i j -> 1 (i j) d")], dim=1)
 
@@ -288,15 +297,21 @@ def random_mask(height: int, width: int, ratio: float, generator: torch.Generato
     return mask.view(height, width)
 
 
-def sample_ratio(ratios=(0.0, 0.3), ratio_vars=(0.0, 0.2), generator: torch.Generator | None = None) -> float:
-    """r_i ~ U(ratio_i - var_i, ratio_i + var_i) for each pair, then one of them at random."""
+def check_mask_ratios(ratios, ratio_vars) -> None:
+    """Every draw of U(ratio - var, ratio + var) must be a ratio in [0, 1): one var per ratio, var <= ratio,
+    ratio + var < 1."""
     if len(ratios) != len(ratio_vars) or not ratios:
-        raise ValueError(f"ratios and ratio_vars must be non-empty and of equal length, got {ratios}, {ratio_vars}")
-    draws = []
+        raise ValueError(f"ratios and ratio_vars must be non-empty and of equal length (one var per ratio), "
+                         f"got {tuple(ratios)} and {tuple(ratio_vars)}")
     for r, v in zip(ratios, ratio_vars):
         if not (0 <= v <= r and r + v < 1):
             raise ValueError(f"need 0 <= var <= ratio and ratio + var < 1, got ratio {r}, var {v}")
-        draws.append(_uniform(r - v, r + v, generator) if v > 0 else r)
+
+
+def sample_ratio(ratios=(0.0, 0.3), ratio_vars=(0.0, 0.2), generator: torch.Generator | None = None) -> float:
+    """r_i ~ U(ratio_i - var_i, ratio_i + var_i) for each pair, then one of them at random."""
+    check_mask_ratios(ratios, ratio_vars)
+    draws = [_uniform(r - v, r + v, generator) if v > 0 else r for r, v in zip(ratios, ratio_vars)]
     return draws[_randint(0, len(draws) - 1, generator)]
 
 
@@ -407,7 +422,8 @@ class IBOTLoss(nn.Module):
         loss_cls = -cross.mean() / (g * (V - 1)) * self.lambda1
 
         s_patch = F.log_softmax(student_patch_masked.float() / self.student_temp, dim=-1)  # (M, K_p)
-        Q = self.teacher_targets(teacher_patch[masks].float(), self.patch_center[0], teacher_patch_temp)  # Q_un
+        # Q_un; no masked patch in the batch (M = 0): no targets, and L_mim is 0 with either centring
+        Q = self.teacher_targets(teacher_patch[masks].float(), self.patch_center[0], teacher_patch_temp)
         ce = -(Q * s_patch).sum(-1)  # (M,) cross-entropy at each masked patch
         per_patch = torch.zeros(masks.shape, device=ce.device, dtype=ce.dtype).masked_scatter(masks, ce)
         per_image = per_patch.sum(1) / masks.sum(1).clamp(min=1)  # (gB,) an image without masks adds 0
@@ -454,25 +470,31 @@ class IBOTLoss(nn.Module):
 @torch.no_grad()
 def sinkhorn_knopp(scores: torch.Tensor, iterations: int = 3) -> torch.Tensor:
     """(rows, K) scores -> (rows, K) targets, each row summing to 1, each prototype used about equally over all
-    rows of all ranks: a stronger guard against collapse than the running centre on small or short runs."""
+    rows of all ranks: a stronger guard against collapse than the running centre on small or short runs.
+    A rank may hold no rows (no masked patch): it joins the all-reduces and gets (0, K) targets.
+
+    Named deviation: DINOv2 scales Q = exp(scores); the same iterations run here on log Q, so scores that span
+    more than ~100 (a cold teacher, features near one prototype) cannot underflow to 0 / 0 = NaN. DINOv2's
+    first division by the total of Q is left out: the first prototype normalisation cancels it."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-    def all_sum(t):
+    def all_reduce(t, op=dist.ReduceOp.SUM):
         if world > 1:
-            dist.all_reduce(t)
+            dist.all_reduce(t, op=op)
         return t
 
-    shift = scores.max().reshape(1)
-    if world > 1:
-        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
-    Q = torch.exp(scores - shift).T  # (K, rows); a shift shared by all ranks cancels in the normalisations
-    rows = all_sum(torch.tensor([Q.shape[1]], device=Q.device, dtype=Q.dtype))
-    K = Q.shape[0]
-    Q /= all_sum(Q.sum().reshape(1))
+    def logsumexp_over_all_rows(log_q):  # (K, rows) -> (K, 1), over the rows of every rank
+        peak = log_q.amax(1, keepdim=True) if log_q.shape[1] else log_q.new_full((log_q.shape[0], 1), -math.inf)
+        peak = all_reduce(peak, dist.ReduceOp.MAX)  # finite unless no rank has rows (then log_q is empty)
+        return peak + all_reduce((log_q - peak).exp().sum(1, keepdim=True)).log()
+
+    log_rows = all_reduce(torch.tensor([float(scores.shape[0])], device=scores.device)).log()  # over all ranks
+    log_q = scores.T  # (K, rows): log Q, up to a constant
+    K = log_q.shape[0]
     for _ in range(iterations):
-        Q /= all_sum(Q.sum(1, keepdim=True)) * K  # each prototype gets 1/K of the mass
-        Q /= Q.sum(0, keepdim=True) * rows  # each row gets 1/rows
-    return (Q * rows).T
+        log_q = log_q - logsumexp_over_all_rows(log_q) - math.log(K)  # each prototype gets 1/K of the mass
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - log_rows  # each row gets 1/rows
+    return (log_q + log_rows).exp().T
 
 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -480,7 +502,8 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     rho_i = min_{j != i} ||x_i - x_j|| over the L2-normalised rows. It spreads the features over the sphere:
     the Kozachenko-Leonenko entropy estimate, up to constants. Needs n >= 2."""
     if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"KoLeo needs (n >= 2, D) features, got {tuple(x.shape)}")
+        raise ValueError(f"KoLeo needs (n >= 2, D) features (in training: --koleo needs a --batch-size of >= 2 "
+                         f"images per process), got {tuple(x.shape)}")
     x = F.normalize(x.float(), dim=-1)
     with torch.no_grad():  # the nearest neighbour of each row; the distance to it carries the gradient
         sim = x @ x.T
@@ -589,11 +612,22 @@ class MultiCropAugmentation:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
-    def __post_init__(self):
+    def __post_init__(self):  # checked once here, before a run starts, for the PIL and the on-device views alike
         if self.global_size % self.patch_size:
-            raise ValueError(f"global crop size {self.global_size} is not divisible by patch size {self.patch_size}")
+            raise ValueError(f"global crop size {self.global_size} (--global-size) is not divisible by patch size "
+                             f"{self.patch_size} (--patch-size)")
+        if self.local_crops and self.local_size % self.patch_size:  # the ViT cuts local crops into patches too
+            raise ValueError(f"local crop size {self.local_size} (--local-size) is not divisible by patch size "
+                             f"{self.patch_size} (--patch-size)")
         self.global_scale, self.local_scale = tuple(self.global_scale), tuple(self.local_scale)
         self.mask_ratios, self.mask_ratio_vars = tuple(self.mask_ratios), tuple(self.mask_ratio_vars)
+        try:
+            check_mask_ratios(self.mask_ratios, self.mask_ratio_vars)
+        except ValueError as e:
+            raise ValueError(f"bad --mask-ratios {' '.join(map(str, self.mask_ratios))} --mask-ratio-vars "
+                             f"{' '.join(map(str, self.mask_ratio_vars))}: {e}") from None
+        if self.mask_shape not in ("block", "rand"):
+            raise ValueError(f"mask shape (--mask-shape) must be 'block' or 'rand', got {self.mask_shape!r}")
         self.grid = self.global_size // self.patch_size
 
     def view(self, img: Image.Image, size: int, scale, p_blur: float, p_solarize: float, gen) -> torch.Tensor:
@@ -730,9 +764,41 @@ class IBOT(nn.Module):
 # ---- loading a backbone from ours, official iBOT / DINO, or timm checkpoints ----
 
 
+def stated_image_size(config: dict) -> tuple[int, int] | None:
+    """The (height, width) a checkpoint says its ViT was made for: ours (global_size), timm's, DeiT's and MAE's
+    flags (img_size; input_size, as (C, H, W) or one side), or None."""
+    for key in ("global_size", "img_size", "input_size"):
+        size = config.get(key)
+        if isinstance(size, int):
+            return size, size
+        if isinstance(size, (list, tuple)) and len(size) in (2, 3) and all(isinstance(v, int) for v in size):
+            return tuple(size[-2:])
+    return None
+
+
+def position_grid(n_positions: int, patch_size: int, config: dict) -> tuple[int, int]:
+    """The (h, w) patch grid of a checkpoint's n position embeddings: from the image size it states, else the
+    square grid, the only one the count alone can give. A non-square count with no stated size is refused."""
+    size = stated_image_size(config)
+    if size is not None:
+        grid = (size[0] // patch_size, size[1] // patch_size)
+        if grid[0] * grid[1] != n_positions:
+            raise ValueError(f"the checkpoint says image size {size[0]} x {size[1]} at patch size {patch_size}, a "
+                             f"{grid[0]} x {grid[1]} grid of {grid[0] * grid[1]} patches, but its pos_embed holds "
+                             f"{n_positions}")
+        return grid
+    side = math.isqrt(n_positions)
+    if side * side != n_positions:
+        raise ValueError(f"the checkpoint's pos_embed holds {n_positions} patch positions, not a square grid, and "
+                         f"it does not say its image size; save it with a config dict beside the weights, such as "
+                         f"{{'config': {{'img_size': [height, width]}}}}")
+    return side, side
+
+
 def load_backbone(path_or_state_dict, which: str = "teacher", num_heads: int | None = None) -> VisionTransformer:
     """A VisionTransformer from: our checkpoints; official iBOT / DINO ones (full, with module. / backbone.
-    prefixes and an argparse Namespace, or backbone-only exports); timm ViT state dicts (head.* ignored)."""
+    prefixes and an argparse Namespace, or backbone-only exports); timm ViT state dicts (head.* ignored).
+    The position grid is the stated image size's (our config, or the flags saved with the file), else square."""
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     ckpt = path_or_state_dict
@@ -743,7 +809,9 @@ def load_backbone(path_or_state_dict, which: str = "teacher", num_heads: int | N
         ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict):
         raise ValueError(f"expected a checkpoint dict, got {type(ckpt).__name__}")
-    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    config = ckpt.get("config")
+    if not isinstance(config, dict):  # official iBOT / DINO and timm's train.py save their flags
+        config = vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else {}
     state = ckpt.get(which, ckpt.get("state_dict", ckpt.get("model", ckpt)))
     if not isinstance(state, dict):
         raise ValueError(f"no state dict under {which!r}; the checkpoint has keys {sorted(ckpt)[:20]}")
@@ -757,9 +825,10 @@ def load_backbone(path_or_state_dict, which: str = "teacher", num_heads: int | N
                          f"{sorted(state)[:20]}")
     dim, _, patch, _ = backbone["patch_embed.proj.weight"].shape
     depth = 1 + max(int(k.split(".")[1]) for k in backbone if k.startswith("blocks."))
-    grid = int(math.sqrt(backbone["pos_embed"].shape[1] - 1))
+    grid = position_grid(backbone["pos_embed"].shape[1] - 1, patch, config)
     heads = config.get("num_heads") or num_heads or dim // 64
-    model = VisionTransformer(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+    model = VisionTransformer(img_size=(grid[0] * patch, grid[1] * patch), patch_size=patch, embed_dim=dim,
+                              depth=depth, num_heads=heads,
                               mlp_ratio=backbone["blocks.0.mlp.fc1.weight"].shape[0] / dim,
                               masked_embed="masked_embed" in backbone,
                               in_chans=backbone["patch_embed.proj.weight"].shape[1])

@@ -27,7 +27,16 @@ def plot(run_dir: Path, out: Path | None = None) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = read_log(run_dir)
+    fig = figure(read_log(run_dir), title=Path(run_dir).resolve().name)
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def figure(rows: list[dict], title: str = "run"):
+    """log.jsonl rows -> a matplotlib figure of six panels, one point per row that has the quantity."""
+    import matplotlib.pyplot as plt
     train_rows = [r for r in rows if "loss" in r]
 
     def series(key, rows=train_rows):
@@ -56,7 +65,7 @@ def plot(run_dir: Path, out: Path | None = None) -> Path | None:
         ax.plot(*series(key), marker=".", label=key)
     ax.set_ylim(-0.05, 1.05), ax.set_title("collapse diagnostics"), ax.legend()
     ax = axes[1, 1]
-    for key, scale in (("lr", None), ("teacher_temp", None), ("momentum", None)):
+    for key in ("lr", "teacher_temp", "momentum"):
         x, y = series(key)
         if y:
             top = max(abs(v) for v in y) or 1.0
@@ -70,12 +79,9 @@ def plot(run_dir: Path, out: Path | None = None) -> Path | None:
         ax.grid(alpha=0.3)
     last = train_rows[-1] if train_rows else {}
     minutes = last.get("elapsed_s", math.nan) / 60
-    fig.suptitle(f"{Path(run_dir).resolve().name}: {len(train_rows)} log rows, {minutes:.1f} min")
+    fig.suptitle(f"{title}: {len(train_rows)} log rows, {minutes:.1f} min")
     fig.tight_layout()
-    out = Path(out) if out else Path(run_dir) / "curves.png"
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def main(argv=None) -> int:

@@ -1,9 +1,10 @@
 """Train iBOT, from a CPU CIFAR smoke run to multi-GPU ImageNet. Built on ibot_min.py.
 
-CPU, a CIFAR-10 smoke run (../shared's PNGs by default, or torchvision's download):
+The main job: CIFAR-10 with the recipe made for the device (cifar10 on CUDA, cifar10-cpu otherwise), on
+../shared's PNGs when they are there, else on torchvision's CIFAR-10 (downloaded into data/):
+    python train.py --budget 5m        # everything, kNN scores and the final checkpoint included, in 5 minutes
+CPU or GPU, explicitly:
     python train.py --preset cifar10-cpu --budget 10m
-    python train.py --preset cifar10-cpu --dataset cifar10 --data-path data/ --download
-One GPU (crops and masks made on the device for small images):
     python train.py --preset cifar10 --budget 5m --device-augment
     python train.py --preset imagenet-vit-s16 --data-path /data/imagenet
 One node, 8 GPUs (--batch-size is per GPU, the lr scales with the global batch):
@@ -11,12 +12,13 @@ One node, 8 GPUs (--batch-size is per GPU, the lr scales with the global batch):
 Several nodes (run on each; --max-restarts recovers through the automatic resume):
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --max-restarts 3 \\
         train.py --preset imagenet-vit-s16 --data-path /data/imagenet --output-dir runs/vits16
-Benchmark (prints one JSON line):
+Benchmark (prints one JSON line; bench.py does the same, and --profile there adds an operator table):
     python train.py --dataset synthetic --arch vit_tiny --patch-size 4 --global-size 32 --local-size 16 \\
         --local-crops 6 --batch-size 64 --out-dim 4096 --benchmark 5 --device cpu
 
-A run writes <output-dir>/checkpoint.pth (atomically, every epoch and on Ctrl-C) and log.jsonl, and resumes
-from them when started again with the same output folder.
+A run writes <output-dir>/checkpoint.pth (atomically, every epoch and on Ctrl-C), log.jsonl and curves.png
+(plot_run.py), and resumes from them when started again with the same output folder. Every flag sets the
+field of the same name in ibot_min.IBOTConfig, ibot_min.MultiCropAugmentation or TrainConfig below.
 """
 
 import argparse
@@ -27,18 +29,20 @@ import os
 import re
 import sys
 import time
-import typing
-from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-import torch.distributed as dist
+T_IMPORT = time.perf_counter()  # a budget counts from the command's start, torch's import included
+import typing  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import batched_views as BV
-import data as D
-import ibot_min as M
-from runtime import pick_device, pick_precision, print0, setup_distributed
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import batched_views as BV  # noqa: E402
+import data as D  # noqa: E402
+import ibot_min as M  # noqa: E402
+from runtime import pick_device, pick_precision, print0, setup_distributed  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # ---- configuration: three dataclasses, one flag per field, presets over their defaults ----
@@ -73,6 +77,8 @@ class TrainConfig:
     resume: bool = True  # resume from output_dir/checkpoint.pth when it is there
     ckpt_every: int = 1  # epochs
     knn_every: int = 0  # epochs; 0 = never
+    knn_every_steps: int = 0  # also on the log rows of these steps; 0 = never
+    log_every: int = 100  # steps: a row of log.jsonl (means since the last row, diagnostics), and at each epoch end
     knn_bank_per_class: int | None = 1000  # the kNN monitor's bank: at most this many training images per class
     budget: str | None = None  # wall-clock budget such as 90s, 5m, 1.5h; schedules end with it
     max_steps: int | None = None
@@ -108,7 +114,7 @@ PRESETS = {
 # The cifar10 recipe sized for a 2-core CPU. In 10 minutes here: kNN 35.8 against 29.3 at random init (README).
 # Batched augmentation beats two PIL loader workers there: 42 vs 18 img/s on the project's 2-core machine.
 PRESETS["cifar10-cpu"] = {**PRESETS["cifar10"], "arch": "vit_nano", "out_dim": 1024, "head_hidden_dim": 512,
-                          "batch_size": 64, "device_augment": True}
+                          "batch_size": 64, "device_augment": True, "knn_every_steps": 250}
 PRESETS["cifar100"] = {**PRESETS["cifar10"], "dataset": "cifar100", "data_path": "data/"}
 CONFIGS = (M.IBOTConfig, M.MultiCropAugmentation, TrainConfig)
 CHOICES = dict(arch=sorted(M.ARCHS), centering=["center", "sinkhorn"], mask_shape=["block", "rand"],
@@ -146,10 +152,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                 p.add_argument(flag, type=typ, choices=CHOICES.get(f.name), default=S,
                                help=f"default {f.default} (see {cls.__name__})")
     given = vars(p.parse_args(argv))
-    preset = given.get("preset", "cifar10")
+    notes = []  # what was chosen for the user, and why: the first lines a run prints
+    if "preset" in given:
+        preset = given["preset"]
+    else:  # the recipe made for the device at hand
+        device = given.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        preset = "cifar10" if device == "cuda" else "cifar10-cpu"
+        other = "cifar10-cpu" if preset == "cifar10" else "cifar10"
+        notes.append(f"preset {preset}: the {'GPU' if device == 'cuda' else 'CPU'} recipe, since "
+                     f"{'a CUDA device is' if device == 'cuda' else 'no CUDA device is'} in use "
+                     f"(--preset {other} for the other one)")
     if preset not in PRESETS:
         p.error(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     args = argparse.Namespace(**{**defaults, **PRESETS[preset], **given})
+    if args.data_path == str(SHARED_CIFAR10) and not {"dataset", "data_path"} & set(given):
+        if SHARED_CIFAR10.is_dir():
+            notes.append(f"data: CIFAR-10 PNGs in {SHARED_CIFAR10}, the last {args.holdout_per_class} of each "
+                         f"class held out for kNN")
+        else:  # a user's own clone: torchvision's CIFAR-10, its test set for kNN
+            args.dataset, args.data_path, args.download, args.holdout_per_class = "cifar10", "data/", True, 0
+            notes.append(f"data: torchvision's CIFAR-10 in data/ (downloaded if missing; {SHARED_CIFAR10} is not "
+                         f"there), its test set for kNN")
+    args.notes = notes
     args.budget_s = parse_duration(args.budget) if args.budget else None
     return args
 
@@ -410,6 +434,8 @@ def train(args) -> dict:
     if args.benchmark:
         import bench  # the benchmark times the same step, outside the training loop
         return bench.benchmark(args)
+    for note in getattr(args, "notes", []):
+        print0(note)
     run = setup(args)
     model, steps_per_epoch, global_batch, rank = run.model, run.steps_per_epoch, run.global_batch, run.rank
     out_dir, ckpt_path = Path(args.output_dir), Path(args.output_dir) / "checkpoint.pth"
@@ -418,7 +444,8 @@ def train(args) -> dict:
         total = min(total, args.max_steps)
     schedules, step = Schedules(args, total, steps_per_epoch, global_batch), 0
 
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "t_start"}
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+              if k not in ("t_start", "notes")}
     if args.resume and ckpt_path.exists():  # resume: automatic when the output folder holds a checkpoint
         ckpt = load_for_resume(ckpt_path, config)
         model.load_checkpoint(ckpt)
@@ -464,18 +491,38 @@ def train(args) -> dict:
         log(dict(epoch=0, step=0, knn_top1=knn_monitor(model, args, run.device)))  # the random-init baseline
         knn_s = time.perf_counter() - t0
     interrupted, last_row, t_print = False, None, time.perf_counter()
+    sums, n, t_row = {}, 0, time.perf_counter()  # the means of the steps since the last row
+
+    def log_row(epoch: float, s: dict, batch, knn: bool) -> dict:
+        nonlocal sums, n, t_row
+        if not n:
+            return {}
+        means = {k: float(v) / n for k, v in sums.items()}
+        if not all(math.isfinite(v) for v in means.values()):
+            raise non_finite(f"in the steps up to {step}")
+        row = dict(epoch=epoch, step=step, images_seen=step * global_batch, **means, **s,
+                   img_per_s=n * global_batch / (time.perf_counter() - t_row),
+                   **diagnostics(model, batch[0].to(run.device), s["teacher_temp"]))
+        if knn and scoring:
+            row["knn_top1"] = knn_monitor(model, args, run.device)
+        row["elapsed_s"] = time.perf_counter() - t_start
+        log(row)
+        sums, n, t_row = {}, 0, time.perf_counter()
+        return row
+
     t_loop, step_at_loop = time.perf_counter(), step
     reserve = 1.2 * knn_s + 5.0 if scoring else 5.0  # the final score, checkpoint and plot after the last step
     try:
         while step < schedules.total:
             epoch, start_batch = divmod(step, steps_per_epoch)
-            t_epoch, sums, n = time.perf_counter(), {}, 0
+            t_epoch, n_epoch = time.perf_counter(), 0
             for batch in run.epoch_batches(epoch, start_batch):
                 s = schedules.at(step)
                 out = train_step(run, batch, s, step < schedules.freeze_last_layer_steps)
                 step += 1
                 sums = {k: sums.get(k, 0.0) + v for k, v in out.items()}
                 n += 1
+                n_epoch += 1
                 now = time.perf_counter()
                 k = step - step_at_loop
                 if args.budget_s and k == 2:
@@ -496,26 +543,21 @@ def train(args) -> dict:
                     loss = float(out["loss"])
                     if not math.isfinite(loss):
                         raise non_finite(f"{loss} at step {step - 1}")
-                    elapsed = now - t_start
-                    eta = (schedules.total - step) * (now - t_epoch) / n
+                    eta = (schedules.total - step) * (now - t_epoch) / n_epoch
                     print0(f"epoch {epoch} step {step}/{schedules.total} loss {loss:.3f} (cls {float(out['cls']):.3f}"
-                           f" patch {float(out['patch']):.3f}) lr {s['lr']:.2e} {n * global_batch / (now - t_epoch):.0f}"
-                           f" img/s {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
+                           f" patch {float(out['patch']):.3f}) lr {s['lr']:.2e} "
+                           f"{n_epoch * global_batch / (now - t_epoch):.0f} img/s {(now - t_start) / 60:.1f} min, "
+                           f"ETA {eta / 60:.1f} min")
                     t_print = now
                 if step >= schedules.total:
                     break
-            means = {k: float(v) / n for k, v in sums.items()}
-            if not all(math.isfinite(v) for v in means.values()):
-                raise non_finite(f"in epoch {epoch} (steps up to {step})")
-            img_per_s = n * global_batch / (time.perf_counter() - t_epoch)
-            last_row = dict(epoch=epoch + 1, step=step, images_seen=step * global_batch, **means, **s,
-                            **diagnostics(model, batch[0].to(run.device), s["teacher_temp"]), img_per_s=img_per_s)
-            done = step >= schedules.total
-            if scoring and ((epoch + 1) % args.knn_every == 0 or done):
-                last_row["knn_top1"] = knn_monitor(model, args, run.device)
-            last_row["elapsed_s"] = time.perf_counter() - t_start
-            log(last_row)
-            if (epoch + 1) % args.ckpt_every == 0 or done:
+                if args.log_every and step % args.log_every == 0 and step % steps_per_epoch:  # a row mid-epoch
+                    knn = args.knn_every_steps and step % args.knn_every_steps == 0
+                    last_row = log_row(round(step / steps_per_epoch, 3), s, batch, knn)
+            knn = args.knn_every and (epoch + 1) % args.knn_every == 0
+            last_row = log_row(epoch + 1 if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 3), s,
+                               batch, knn or step >= schedules.total)
+            if (epoch + 1) % args.ckpt_every == 0 or step >= schedules.total:
                 if not save():
                     raise non_finite(f"weights at step {step}")
     except KeyboardInterrupt:
@@ -573,8 +615,8 @@ def knn_monitor(model: M.IBOT, args, device) -> float:
     return top1
 
 
-def main(argv=None) -> int:
-    t_start = time.perf_counter()
+def main(argv=None, t_start: float | None = None) -> int:
+    t_start = t_start or time.perf_counter()
     try:
         args = parse_args(argv)
         args.t_start = t_start
@@ -586,4 +628,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(t_start=T_IMPORT))

@@ -955,3 +955,41 @@ def test_knn_votes_are_weighted_and_k_is_capped():
     assert M.knn_classify(bank, labels, test, y, ks=(3,), temperature=10.0, num_classes=2) == {3: 0.0}
     # k beyond the bank is capped at its size, and gives what k = bank size gives
     assert M.knn_classify(bank, labels, test, y, ks=(1, 10, 200), temperature=10.0) == {1: 100.0, 3: 0.0}
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 3), st.sampled_from([1, 2, 3]), st.integers(2, 70), st.integers(0, 1000))
+def test_plain_attention_path_equals_sdpa_with_gradients(batch, heads, length, seed):
+    # the bf16 CPU path of Attention (matmul + softmax) computes SDPA's attention: values and gradients
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, length, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    plain = M.Attention.attention_weights(q, k) @ v
+    sdpa = F.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(plain, sdpa, atol=1e-10)
+    w = torch.randn(plain.shape, generator=gen, dtype=torch.float64)
+    g_plain = torch.autograd.grad((plain * w).sum(), (q, k, v))
+    g_sdpa = torch.autograd.grad((sdpa * w).sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(g_plain, g_sdpa))
+
+
+def test_attention_picks_the_plain_path_for_bf16_on_cpu_and_agrees_with_fp32():
+    torch.manual_seed(0)
+    attn = M.Attention(64, 2)
+    x = torch.randn(4, 17, 64)
+    reference = attn(x)  # fp32: SDPA
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = attn(x)  # bf16 on a CPU: matmul + softmax
+    assert fast.dtype == torch.bfloat16
+    assert torch.allclose(fast.float(), reference, atol=0.02, rtol=0.05)
+    calls = []
+    real = F.scaled_dot_product_attention
+    try:
+        F.scaled_dot_product_attention = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        attn(x)
+        assert calls == [1]  # fp32 takes SDPA
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            attn(x)
+        assert calls == [1]  # bf16 on a CPU does not
+    finally:
+        F.scaled_dot_product_attention = real

@@ -1,9 +1,11 @@
 """End-to-end runs of train.py on tiny data: real CIFAR PNGs, exact resume, failure handling, bad input, torchrun."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +236,134 @@ def test_knn_monitor_spares_the_global_rng(folder):
     before = torch.get_rng_state()
     score = train.knn_monitor(model, args, "cpu")
     assert 0 <= score <= 100 and torch.equal(before, torch.get_rng_state())
+
+
+# ---- the main job on the machine a user has (issue 16) and nothing lost on faults (issue 13, items 1-3) ----
+
+
+@pytest.mark.parametrize("cuda, preset, arch", [(True, "cifar10", "vit_tiny"), (False, "cifar10-cpu", "vit_nano")])
+def test_default_preset_follows_the_device(monkeypatch, cuda, preset, arch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    args = train.parse_args([])
+    assert args.arch == arch and args.notes[0].startswith(f"preset {preset}:")
+    assert "--preset" in args.notes[0]  # it says how to override
+    assert not [n for n in train.parse_args(["--preset", "cifar10"]).notes if n.startswith("preset")]
+
+
+def test_default_data_without_shared_is_torchvision_cifar10(monkeypatch, tmp_path):
+    missing = tmp_path / "no-shared"
+    monkeypatch.setattr(train, "SHARED_CIFAR10", missing)
+    monkeypatch.setitem(train.PRESETS["cifar10-cpu"], "data_path", str(missing))
+    args = train.parse_args(["--preset", "cifar10-cpu"])
+    assert (args.dataset, args.data_path, args.download, args.holdout_per_class) == ("cifar10", "data/", True, 0)
+    assert any("torchvision's CIFAR-10" in n for n in args.notes)
+    assert D.has_val_split(args.dataset, args.data_path, args.holdout_per_class)  # its test set scores kNN
+    # an explicit --data-path is never replaced
+    assert train.parse_args(["--preset", "cifar10-cpu", "--data-path", str(tmp_path)]).dataset == "imagefolder"
+
+
+def test_offline_download_is_one_line(monkeypatch, tmp_path, capsys):
+    import urllib.error
+
+    def offline(*a, **kw):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(D.torchvision.datasets, "CIFAR10", offline)
+    assert train.main(TINY + ["--dataset", "cifar10", "--data-path", str(tmp_path), "--download"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "could not download cifar10" in err and "--data-path" in err
+
+
+def test_budget_bounds_the_whole_command_with_knn_at_both_ends(folder, tmp_path):
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    summary = run(TINY + ["--data-path", str(folder), "--holdout-per-class", "4", "--batch-size", "4",
+                          "--epochs", "1000", "--budget", "15s", "--knn-every", "1000", "--log-every", "5",
+                          "--output-dir", str(out)])
+    wall = time.perf_counter() - t0
+    assert wall < 15 + 3, f"a 15 s budget took {wall:.1f} s"  # start-up, both kNN scores and the checkpoint
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and "knn_top1" in rows[0] and "knn_top1" in rows[-1]
+    assert rows[-1]["step"] == summary["steps"] == summary["total"] and rows[-1]["lr"] == pytest.approx(1e-6)
+    steps = [r["step"] for r in rows[1:]]
+    assert steps == sorted(steps) and len(steps) >= 2  # a row every 5 steps and at each epoch end
+    for key in ("target_entropy", "batch_entropy", "feature_cosine", "prototypes_used"):
+        assert all(math.isfinite(r[key]) for r in rows[1:])
+    assert all(0 <= r["target_entropy"] <= r["ln_K"] + 1e-4 for r in rows[1:])
+    assert (out / "checkpoint.pth").is_file() and (out / "curves.png").is_file()
+
+
+def test_plot_draws_every_row(folder, tmp_path):
+    import plot_run
+    out = tmp_path / "run"
+    run(TINY + ["--data-path", str(folder), "--holdout-per-class", "4", "--batch-size", "4", "--epochs", "3",
+                "--knn-every", "1", "--output-dir", str(out)])
+    rows = plot_run.read_log(out)
+    fig = plot_run.figure(rows)
+    loss_axis, knn_axis = fig.axes[0], fig.axes[1]
+    assert len(loss_axis.lines[0].get_xdata()) == 3  # one point a row: 3 epochs
+    assert len(knn_axis.lines[0].get_xdata()) == 4  # the random-init score, then one an epoch
+    assert list(knn_axis.lines[0].get_ydata()) == [r["knn_top1"] for r in rows]
+    path = plot_run.plot(out)
+    assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
+    assert plot_run.main([str(tmp_path / "nothing-here")]) == 1
+
+
+def test_nan_then_ctrl_c_keeps_the_good_checkpoint(folder, tmp_path, monkeypatch, capsys):
+    argv = TINY + ["--data-path", str(folder), "--batch-size", "8", "--epochs", "3", "--output-dir", str(tmp_path)]
+    real_step, calls = train.train_step, []
+
+    def poison_then_interrupt(run_, *a, **kw):
+        calls.append(1)
+        if len(calls) == 6:  # in epoch 2: the weights go non-finite, then the user presses Ctrl-C
+            with torch.no_grad():
+                next(run_.model.student.parameters()).fill_(float("nan"))
+            raise KeyboardInterrupt
+        return real_step(run_, *a, **kw)
+
+    monkeypatch.setattr(train, "train_step", poison_then_interrupt)
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "nothing saved" in out and "run the same command again" not in out
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["student"].values())
+
+
+def test_nan_before_any_checkpoint_says_so(folder, tmp_path, monkeypatch, capsys):
+    real_step = train.train_step
+    monkeypatch.setattr(train, "train_step",
+                        lambda *a, **kw: {k: v * float("nan") for k, v in real_step(*a, **kw).items()})
+    assert train.main(TINY + ["--data-path", str(folder), "--batch-size", "8", "--epochs", "1",
+                              "--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "no checkpoint had been written yet" in err and "\n" not in err
+    assert not (tmp_path / "checkpoint.pth").exists()
+
+
+@pytest.mark.parametrize("size", [0, 20_000, 200_000])
+def test_damaged_checkpoint_is_one_line(folder, tmp_path, capsys, size):
+    argv = TINY + ["--data-path", str(folder), "--batch-size", "8", "--epochs", "1", "--output-dir", str(tmp_path)]
+    assert train.main(argv) == 0
+    path = tmp_path / "checkpoint.pth"
+    path.write_bytes(path.read_bytes()[:size])
+    damaged = path.read_bytes()
+    capsys.readouterr()
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(path) in err and "--no-resume" in err
+    assert path.read_bytes() == damaged  # left for the user to inspect
+    assert train.main(argv + ["--no-resume"]) == 0
+
+
+@pytest.mark.parametrize("change", [["--limit-per-class", "8"], ["--holdout-per-class", "2"],
+                                    ["--warmup-teacher-temp", "0.02"], ["--data-path", "OTHER"]])
+def test_resume_with_other_data_or_schedules_is_refused(folder, tmp_path, capsys, change):
+    other = make_folder(tmp_path / "other")
+    change = [str(other) if c == "OTHER" else c for c in change]
+    argv = TINY + ["--data-path", str(folder), "--batch-size", "8", "--epochs", "2", "--output-dir", str(tmp_path / "r")]
+    assert train.main(argv + ["--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert train.main(argv + ["--max-steps", "1"] + change) == 1
+    err = capsys.readouterr().err.strip()
+    flag = change[0].removeprefix("--").replace("-", "_")
+    assert "\n" not in err and "cannot resume" in err and flag in err
