@@ -423,7 +423,8 @@ plt.show()
 #
 # Below, the student and teacher outputs of one real batch are fed both to a literal, loop-by-loop
 # transcription of these formulas and to `IBOTLoss`, with non-zero centres $c$, $c'$ so that centring is
-# exercised too.
+# exercised too. Wrote your own version of this loss? `python check_loss.py my_loss.py:make_loss` compares it
+# with `IBOTLoss` over a set of cases and names the mistake when they differ (README, "Check your loss").
 
 # %%
 B, g, l = 6, cfg.global_crops, cfg.local_crops
