@@ -7,6 +7,7 @@ folder with a held-out tail per class, or train/ + val/), and synthetic images f
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 import torchvision.transforms as T
@@ -16,12 +17,50 @@ from PIL import Image
 import ibot_min as M
 from runtime import print0
 
+
+class BadImage(ValueError):
+    """An image file that cannot be used, named in one line. A DataLoader worker's error reaches the main process
+    re-made from the worker's whole traceback text, whose last line is this error's own: only that is kept."""
+
+    def __init__(self, message: str):
+        last_line = (message.strip().splitlines() or [""])[-1]
+        super().__init__(last_line.split(f"{BadImage.__name__}: ", 1)[-1])
+
+
 def read_image(path: str) -> Image.Image:
+    """An image file as 8-bit RGB. 16-bit grayscale (PNG's mode I;16, or I) is scaled to 8 bits, where PIL's
+    convert() would clip it at 255 and turn a full-range image nearly white."""
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            img = Image.open(f)
+            img.load()
     except Exception as e:  # name the file: one bad image in a million must be findable
-        raise ValueError(f"cannot read image {path}: {e}") from e
+        raise BadImage(f"cannot read image {path}: {' '.join(str(e).split())}") from e
+    if img.mode.startswith("I"):
+        pixels = np.asarray(img)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise BadImage(f"cannot read image {path}: mode {img.mode} holds values {pixels.min()}..{pixels.max()}, "
+                           f"expected 8- or 16-bit pixels")
+        img = Image.fromarray(((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8))  # round(x / 257)
+    elif img.mode == "F":
+        raise BadImage(f"cannot read image {path}: floating-point pixels (mode F) have no known range, "
+                       f"expected 8- or 16-bit pixels")
+    return img.convert("RGB")
+
+
+def image_name(images, i: int) -> str:
+    """Image i's file where the dataset has files (ImageFolder), else its index."""
+    samples = getattr(images, "samples", None)
+    return samples[i][0] if samples else f"image {i}"
+
+
+def image_folder(root: Path) -> torchvision.datasets.ImageFolder:
+    """A folder of class folders, each with at least one image."""
+    try:
+        return torchvision.datasets.ImageFolder(str(root), loader=read_image)
+    except FileNotFoundError as e:  # no class folders, or a class folder without images (torchvision names it)
+        raise ValueError(f"no images found in {root}: expected class folders of images, each with at least one "
+                         f"({e})") from e
 
 
 class SyntheticImages(torch.utils.data.Dataset):
@@ -67,19 +106,20 @@ def build_dataset(name: str, data_path: str | None, split: str = "train", holdou
             return cls(data_path, train=split == "train", download=download)
         except RuntimeError as e:
             raise ValueError(f"{name} not found under {data_path} ({e}); pass --download to fetch it") from e
+        except OSError as e:  # offline, or the server refused: urllib's errors are OSErrors
+            raise ValueError(f"could not download {name} into {data_path} ({e}); with no network, copy "
+                             f"torchvision's {name} files there, or pass --dataset imagefolder --data-path DIR "
+                             f"(a folder of class folders)") from e
     if name != "imagefolder":
         raise ValueError(f"unknown dataset {name!r}; expected cifar10, cifar100, imagefolder or synthetic")
     root = Path(data_path or "")
     if not data_path or not root.is_dir():
         raise ValueError(f"data path {data_path!r} is not a folder")
     if (root / "train").is_dir() and (root / "val").is_dir():
-        ds = torchvision.datasets.ImageFolder(str(root / split), loader=read_image)
+        ds = image_folder(root / split)
         per_class = ds.samples
     else:
-        try:
-            ds = torchvision.datasets.ImageFolder(str(root), loader=read_image)
-        except FileNotFoundError as e:
-            raise ValueError(f"no images found in {root}: expected class folders of images ({e})") from e
+        ds = image_folder(root)
         by_class = {}
         for path, label in ds.samples:  # sorted by class, then by file name
             by_class.setdefault(label, []).append((path, label))
@@ -131,22 +171,51 @@ def collate_crops(batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tenso
     return torch.cat(per_crop[:g]), local, torch.stack(masks, dim=1).flatten(0, 1).flatten(1)
 
 
-def eval_transform(size: int):
+# a grayscale image's statistics from ImageNet's RGB ones, weighted as PIL's luma (exact for the mean, close for
+# the std): for backbones that take one channel
+GRAY_MEAN = (sum(w * m for w, m in zip((0.299, 0.587, 0.114), M.IMAGENET_MEAN)),)
+GRAY_STD = (sum(w * s for w, s in zip((0.299, 0.587, 0.114), M.IMAGENET_STD)),)
+
+
+def channels_and_normalise(channels: int) -> tuple[list, T.Normalize]:
+    """The transforms that give a backbone the channels it takes (images are read as RGB), and its normalisation."""
+    if channels == 3:
+        return [], T.Normalize(M.IMAGENET_MEAN, M.IMAGENET_STD)
+    if channels == 1:
+        return [T.Grayscale(1)], T.Normalize(GRAY_MEAN, GRAY_STD)
+    raise ValueError(f"images are fed as RGB (3 channels) or grayscale (1), not {channels} channels")
+
+
+def eval_transform(size: int, channels: int = 3):
     """Centre crop at `size` (ImageNet: resize to 256, crop 224); CIFAR at 32 px passes unchanged."""
     resize = size * 256 // 224 if size > 64 else size
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
-                      T.Normalize(M.IMAGENET_MEAN, M.IMAGENET_STD)])
+    to_channels, normalise = channels_and_normalise(channels)
+    return T.Compose([*to_channels, T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      T.ToTensor(), normalise])
 
 
 def decode_all(images, workers: int) -> torch.Tensor:
     """Every image of a dataset decoded once -> uint8 (N, 3, H, W); for the on-device augmentation."""
-    to_tensor = Transformed(images, TF.pil_to_tensor)
-    sizes = {to_tensor[i][0].shape for i in range(min(len(images), 16))}
-    if len(sizes) > 1:
-        raise ValueError(f"--device-augment needs images of one size (such as CIFAR), found {sorted(sizes)}")
-    loader = torch.utils.data.DataLoader(to_tensor, batch_size=1024, num_workers=workers)
+    loader = torch.utils.data.DataLoader(OneSize(images, images[0][0].size), batch_size=1024, num_workers=workers)
     print0(f"decoding {len(images)} images for the on-device augmentation")
-    return torch.cat([x for x, _ in loader])
+    return torch.cat(list(loader))
+
+
+class OneSize(torch.utils.data.Dataset):
+    """Images as uint8 (3, H, W), each checked as it is decoded against the size (width, height) all must have."""
+
+    def __init__(self, images, size: tuple[int, int]):
+        self.images, self.size = images, size
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img, _ = self.images[i]
+        if img.size != self.size:
+            raise BadImage(f"--device-augment needs images of one size (such as CIFAR): {image_name(self.images, i)} "
+                           f"is {img.size[0]} x {img.size[1]} pixels, the first image {self.size[0]} x {self.size[1]}")
+        return TF.pil_to_tensor(img)
 
 
 class Transformed(torch.utils.data.Dataset):

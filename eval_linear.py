@@ -2,7 +2,8 @@
 
 Reads our checkpoints (the teacher unless --which student), official iBOT / DINO ones (full or backbone-only)
 and timm ViT state dicts, all with torch.load(weights_only=True); position embeddings are interpolated to the
-evaluation size. Without --knn or --linear it runs both.
+evaluation size, and a backbone that takes one channel is fed the images in grayscale. Without --knn or --linear
+it runs both.
 
 CPU or one GPU, a train.py CIFAR-10 run (the last 500 images of each class are the val split, as in training):
     python eval_linear.py --checkpoint runs/ibot/checkpoint.pth --dataset imagefolder \\
@@ -26,6 +27,7 @@ import os
 import pickle
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -56,9 +58,9 @@ def probe_features(backbone: M.VisionTransformer, images: torch.Tensor, n_last_b
     return torch.cat({0: cls, 1: mean_patch, 2: cls + mean_patch}[avgpool], dim=-1).float()
 
 
-def train_transform(size: int) -> T.Compose:
-    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(M.IMAGENET_MEAN, M.IMAGENET_STD)])
+def train_transform(size: int, channels: int = 3) -> T.Compose:
+    to_channels, normalise = D.channels_and_normalise(channels)
+    return T.Compose([*to_channels, T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalise])
 
 
 # ---- features, once, in batches, sharded over ranks ----
@@ -204,6 +206,10 @@ def load(args) -> tuple[M.VisionTransformer, dict]:
                        ("depth", len(backbone.blocks))]:
         if config.get(key) not in (None, found):
             raise ValueError(f"checkpoint {path} says {key} {config[key]} but its weights have {found}")
+    channels = backbone.patch_embed.proj.in_channels
+    if channels not in (1, 3):
+        raise ValueError(f"checkpoint {path} takes {channels}-channel images; eval_linear.py feeds RGB (3 channels) "
+                         f"or grayscale (1)")
     return backbone, config
 
 
@@ -226,6 +232,15 @@ def datasets(args):
     return sets[0], sets[1], sets[0].classes
 
 
+def check_shards(train_set, val_set, world: int) -> None:
+    """Every process extracts features from its own share of each split, so each needs at least one image.
+    The sizes are the same on every rank: all of them stop here, before any collective, or none."""
+    for name, ds in (("train", train_set), ("val", val_set)):
+        if len(ds) < world:
+            raise ValueError(f"the {name} split has fewer images ({len(ds)}) than processes ({world}); run fewer "
+                             f"processes (--nproc_per_node) or on more images")
+
+
 def evaluate(args) -> dict:
     t_start = time.perf_counter()
     args.device = pick_device(args.device)
@@ -234,9 +249,9 @@ def evaluate(args) -> dict:
     torch.manual_seed(args.seed)
     backbone, config = load(args)
     backbone = backbone.to(device).eval().requires_grad_(False)  # frozen, and no drop path
-    if args.image_size is None:
-        small = args.dataset in ("cifar10", "cifar100", "synthetic")
-        args.image_size = config.get("global_size") or config.get("img_size") or (32 if small else 224)  # ours, older
+    if args.image_size is None:  # the checkpoint's size (a non-square one: square crops of its longer side)
+        stated, small = M.stated_image_size(config), args.dataset in ("cifar10", "cifar100", "synthetic")
+        args.image_size = max(stated) if stated else (32 if small else 224)
     if args.image_size % backbone.patch_size:
         raise ValueError(f"image size {args.image_size} is not divisible by the backbone's patch size "
                          f"{backbone.patch_size}")
@@ -246,6 +261,8 @@ def evaluate(args) -> dict:
     if not 1 <= args.n_last_blocks <= len(backbone.blocks):
         raise ValueError(f"--n-last-blocks must lie in [1, {len(backbone.blocks)}], got {args.n_last_blocks}")
     train_set, val_set, classes = datasets(args)
+    check_shards(train_set, val_set, world)
+    channels = backbone.patch_embed.proj.in_channels  # RGB images, or grayscale for a one-channel backbone
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device == "cuda" else nullcontext()
 
@@ -261,7 +278,7 @@ def evaluate(args) -> dict:
 
     def features(images, what, fn):
         with autocast:
-            f, y = fn(progress(loader(images, D.eval_transform(args.image_size)), f"{what} features"))
+            f, y = fn(progress(loader(images, D.eval_transform(args.image_size, channels)), f"{what} features"))
         return gather(f, world), gather(y, world)
 
     print0(f"{args.checkpoint} ({args.which}): ViT {backbone.embed_dim} wide, {len(backbone.blocks)} blocks, "
@@ -287,7 +304,7 @@ def evaluate(args) -> dict:
 
         runs = {}
         if args.full:
-            train_loader = loader(train_set, train_transform(args.image_size), training=True)
+            train_loader = loader(train_set, train_transform(args.image_size, channels), training=True)
 
             def batches(epoch):
                 if world > 1:
@@ -356,7 +373,10 @@ def main(argv=None) -> int:
     try:
         evaluate(parse_args(argv))
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun, the ranks' lines do not interleave
+        # Free the loader's workers now: torch's re-raise of a worker's error leaves a reference cycle, and a
+        # loader collected later as garbage waits 5 s per worker before it kills them.
+        traceback.clear_frames(e.__traceback__)
         return 1
     return 0
 

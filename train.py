@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import time
+import traceback
 
 T_IMPORT = time.perf_counter()  # a budget counts from the command's start, torch's import included
 import typing  # noqa: E402
@@ -142,8 +143,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                 continue
             seen.add(f.name)
             defaults[f.name] = f.default
-            typ = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
-            flag, typ = "--" + f.name.replace("_", "-"), typing.get_origin(typ[0]) or typ[0]
+            hint = hints[f.name]
+            if type(None) in typing.get_args(hint):  # X | None -> X (tuple[float, ...] stays a tuple)
+                hint = next(t for t in typing.get_args(hint) if t is not type(None))
+            flag, typ = "--" + f.name.replace("_", "-"), typing.get_origin(hint) or hint
             if typ is bool:
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, default=S)
             elif typ is tuple:
@@ -333,6 +336,9 @@ def setup(args) -> Run:
     device = f"cuda:{local_rank}" if args.device == "cuda" else args.device
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     cfg, aug = build(M.IBOTConfig, args), build(M.MultiCropAugmentation, args)  # bad values fail here, early
+    if cfg.koleo and args.batch_size < 2:  # KoLeo's nearest neighbours are taken within each process's batch
+        raise ValueError(f"--koleo {cfg.koleo} needs a --batch-size of at least 2 images per process, got "
+                         f"{args.batch_size}; pass --koleo 0 to train on one image per step")
 
     images = D.build_dataset(args.dataset, args.data_path, "train", args.holdout_per_class, args.limit_per_class,
                              args.download, synthetic_size=args.global_size)
@@ -622,7 +628,10 @@ def main(argv=None, t_start: float | None = None) -> int:
         args.t_start = t_start
         train(args)
     except (ValueError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun, the ranks' lines do not interleave
+        # Free the loader's workers now: torch's re-raise of a worker's error leaves a reference cycle, and a
+        # loader collected later as garbage waits 5 s per worker before it kills them.
+        traceback.clear_frames(e.__traceback__)
         return 1
     return 0
 
