@@ -557,8 +557,8 @@ def train(args) -> dict:
                     t_print = now
                 if step >= schedules.total:
                     break
-                if args.log_every and step % args.log_every == 0 and step % steps_per_epoch:  # a row mid-epoch
-                    knn = args.knn_every_steps and step % args.knn_every_steps == 0
+                knn = bool(args.knn_every_steps) and step % args.knn_every_steps == 0
+                if ((args.log_every and step % args.log_every == 0) or knn) and step % steps_per_epoch:  # mid-epoch
                     last_row = log_row(round(step / steps_per_epoch, 3), s, batch, knn)
             knn = args.knn_every and (epoch + 1) % args.knn_every == 0
             last_row = log_row(epoch + 1 if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 3), s,
@@ -605,6 +605,7 @@ def knn_monitor(model: M.IBOT, args, device) -> float:
     """kNN top-1 (k=20, T=0.07) of the teacher's [CLS] on the held-out split; the bank is the training split,
     at most knn_bank_per_class images of each class (a cheap monitor; eval_linear.py is the full protocol)."""
     t0 = time.perf_counter()
+    print0("kNN: extracting the teacher's features of the bank and the val split")
     tf = D.eval_transform(args.global_size)
     bank = min(filter(None, [args.knn_bank_per_class, args.limit_per_class]), default=None)
     splits = [D.build_dataset(args.dataset, args.data_path, "train", args.holdout_per_class, bank,
