@@ -4,7 +4,7 @@ Builds the run exactly as train.py does (train.setup) and times train.train_step
 training loop carries no benchmarking. Prints one JSON line. `python train.py ... --benchmark N` hands over
 to this file with the same flags and prints the same line.
 
-    python bench.py --dataset synthetic --arch vit_tiny --patch-size 4 --global-size 32 --local-size 16 \\
+    python bench.py --preset cifar10 --dataset synthetic --arch vit_tiny --patch-size 4 --global-size 32 --local-size 16 \\
         --local-crops 6 --batch-size 64 --out-dim 4096 --device cpu            # the README's CPU shape
     python bench.py [same flags] --profile     # + a torch.profiler table of one step, operators by self time
     python bench.py [same flags] --attention   # + SDPA against matmul + softmax at the step's shapes
@@ -36,9 +36,9 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 def benchmark(args, profile_step: bool = False) -> dict:
     """Time args.benchmark steps after WARMUP_STEPS; the first warm-up step also counts the FLOPs."""
-    args.resume = False
     run = train.setup(args)
-    schedules = train.Schedules(args, args.benchmark + WARMUP_STEPS, run.steps_per_epoch, run.global_batch)
+    schedules = train.Schedules(args, args.benchmark + WARMUP_STEPS + profile_step, run.steps_per_epoch,
+                                run.global_batch)
     times, flops, step = [], 0, 0
     while step < schedules.total:
         for batch in run.epoch_batches(step // run.steps_per_epoch, step % run.steps_per_epoch):
@@ -59,7 +59,8 @@ def benchmark(args, profile_step: bool = False) -> dict:
             step += 1
             if step >= schedules.total:
                 break
-    return summary(args, times[WARMUP_STEPS:], run.global_batch, run.device, flops)
+    timed = [t for i, t in enumerate(times) if i >= WARMUP_STEPS and not (profile_step and i == WARMUP_STEPS)]
+    return summary(args, timed, run.global_batch, run.device, flops)
 
 
 def summary(args, times, global_batch, device, step_flops) -> dict:
@@ -100,7 +101,8 @@ def attention_paths(args, repeats: int = 5) -> list[dict]:
     heads, d = arch["num_heads"], arch["embed_dim"] // arch["num_heads"]
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     rows = []
-    for n, size in ((2 * args.batch_size, args.global_size), (args.local_crops * args.batch_size, args.local_size)):
+    for n, size in ((args.global_crops * args.batch_size, args.global_size),
+                    (args.local_crops * args.batch_size, args.local_size)):
         shape = (n, heads, 1 + (size // args.patch_size) ** 2, d)  # (B, h, T, d)
         row = dict(shape=list(shape), dtype=str(dtype).removeprefix("torch."))
         for name, fn in (("sdpa_ms", torch.nn.functional.scaled_dot_product_attention),

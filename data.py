@@ -5,6 +5,7 @@ Datasets: torchvision's CIFAR-10/100 (with its download), a folder of class fold
 folder with a held-out tail per class, or train/ + val/), and synthetic images for smoke runs.
 """
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,8 @@ class SyntheticImages(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        g = torch.Generator().manual_seed(self.first + i)
-        pixels = torch.randint(0, 256, (self.size, self.size, 3), generator=g, dtype=torch.uint8)
+        gen = torch.Generator().manual_seed(self.first + i)
+        pixels = torch.randint(0, 256, (self.size, self.size, 3), generator=gen, dtype=torch.uint8)
         return Image.fromarray(pixels.numpy()), i % len(self.classes)
 
 
@@ -103,13 +104,21 @@ def build_dataset(name: str, data_path: str | None, split: str = "train", holdou
         if not data_path:
             raise ValueError(f"--data-path is needed for {name} (where it is, or where to download it)")
         try:
-            return cls(data_path, train=split == "train", download=download)
+            ds = cls(data_path, train=split == "train", download=download)
         except RuntimeError as e:
             raise ValueError(f"{name} not found under {data_path} ({e}); pass --download to fetch it") from e
         except OSError as e:  # offline, or the server refused: urllib's errors are OSErrors
             raise ValueError(f"could not download {name} into {data_path} ({e}); with no network, copy "
                              f"torchvision's {name} files there, or pass --dataset imagefolder --data-path DIR "
                              f"(a folder of class folders)") from e
+        if limit_per_class and split == "train":  # the first N images of each class, as for folders
+            seen, keep = {}, []
+            for i, label in enumerate(ds.targets):
+                seen[label] = seen.get(label, 0) + 1
+                if seen[label] <= limit_per_class:
+                    keep.append(i)
+            ds.data, ds.targets = ds.data[keep], [ds.targets[i] for i in keep]
+        return ds
     if name != "imagefolder":
         raise ValueError(f"unknown dataset {name!r}; expected cifar10, cifar100, imagefolder or synthetic")
     root = Path(data_path or "")
@@ -158,8 +167,8 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         img, _ = self.images[i]
-        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & (2**63 - 1))
-        return self.aug(img, g, masking=self.epoch >= self.pred_start_epoch)
+        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & (2**63 - 1))
+        return self.aug(img, gen, masking=self.epoch >= self.pred_start_epoch)
 
 
 def collate_crops(batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -228,3 +237,14 @@ class Transformed(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, label = self.images[i]
         return self.transform(img), label
+
+
+def progress(loader, what: str, every_s: float = 8.0):
+    """Yield the loader's batches, printing how far it got at least every `every_s` seconds (rank 0)."""
+    t0 = t_print = time.perf_counter()
+    for i, batch in enumerate(loader, 1):
+        yield batch
+        now = time.perf_counter()
+        if now - t_print >= every_s or i == len(loader):
+            print0(f"{what}: {i}/{len(loader)} batches, {now - t0:.0f}s")
+            t_print = now

@@ -79,12 +79,6 @@ def gather(t: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
 
 
-def progress(loader, what: str, every: int = 50):
-    t0 = time.perf_counter()
-    for i, batch in enumerate(loader, 1):
-        yield batch
-        if i % every == 0 or i == len(loader):
-            print0(f"{what}: {i}/{len(loader)} batches, {time.perf_counter() - t0:.0f}s")
 
 
 @torch.no_grad()
@@ -278,7 +272,7 @@ def evaluate(args) -> dict:
 
     def features(images, what, fn):
         with autocast:
-            f, y = fn(progress(loader(images, D.eval_transform(args.image_size, channels)), f"{what} features"))
+            f, y = fn(D.progress(loader(images, D.eval_transform(args.image_size, channels)), f"{what} features"))
         return gather(f, world), gather(y, world)
 
     print0(f"{args.checkpoint} ({args.which}): ViT {backbone.embed_dim} wide, {len(backbone.blocks)} blocks, "

@@ -5,10 +5,12 @@ A student ViT learns to match an EMA teacher on two tasks at once:
   * masked image modeling (MIM): on masked patches of a global view the student predicts the teacher's
     softmax over K prototypes for the *unmasked* view. The teacher is the "online tokenizer".
 
-Read top to bottom: config and presets, ViT, masking, head, loss, teacher update and schedules,
-multi-crop views (per image with PIL, and batched on the device), the training-step module, checkpoint
-loading, kNN evaluation. ../shared/SPEC.md (or the paper) states every formula; the symbols in the comments
-(P_u, Q_un, tau_t, lambda2, ...) are the paper's.
+Read top to bottom: config and architectures, ViT, masking, head, loss, teacher update and schedules,
+multi-crop views (per image, with PIL: the definition), the student as one module and the training-step
+module, checkpoint loading, kNN evaluation. ../shared/SPEC.md (or the paper) states every formula; the symbols
+in the comments (P_u, Q_un, tau_t, lambda2, ...) are the paper's. Beside it, and not needed to read it:
+batched_views.py draws the same views for a whole batch on the device (the fast data path), data.py reads
+datasets, train.py / bench.py / eval_linear.py / check_loss.py run it.
 """
 
 import argparse
@@ -26,7 +28,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 # ---------------------------------------------------------------------------------------------------
-# ---- config and presets ----
+# ---- config and architectures ----
 
 
 # width / depth / heads of the standard ViTs; the standard ones use 64-wide heads.
@@ -620,6 +622,10 @@ class MultiCropAugmentation:
             raise ValueError(f"local crop size {self.local_size} (--local-size) is not divisible by patch size "
                              f"{self.patch_size} (--patch-size)")
         self.global_scale, self.local_scale = tuple(self.global_scale), tuple(self.local_scale)
+        for flag, scale in (("--global-scale", self.global_scale), ("--local-scale", self.local_scale)):
+            if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+                raise ValueError(f"{flag} takes the smallest and largest share of the image a crop covers, "
+                                 f"0 < min <= max <= 1; got {' '.join(map(str, scale))}")
         self.mask_ratios, self.mask_ratio_vars = tuple(self.mask_ratios), tuple(self.mask_ratio_vars)
         try:
             check_mask_ratios(self.mask_ratios, self.mask_ratio_vars)
@@ -656,10 +662,9 @@ class MultiCropAugmentation:
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None,
                  masking: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
         """masking=False (before pred_start_epoch) gives empty masks."""
-        img = img.convert("RGB")
-        gen = generator
-        crops = [self.view(img, self.global_size, self.global_scale, 1.0 if i == 0 else 0.1, 0.0 if i == 0 else 0.2, gen)
-                 for i in range(self.global_crops)]
+        img, gen = img.convert("RGB"), generator
+        crops = [self.view(img, self.global_size, self.global_scale, p_blur=1.0 if i == 0 else 0.1,
+                           p_solarize=0.0 if i == 0 else 0.2, gen=gen) for i in range(self.global_crops)]
         crops += [self.view(img, self.local_size, self.local_scale, 0.5, 0.0, gen) for _ in range(self.local_crops)]
         if masking:
             masks = sample_masks(self.global_crops, self.grid, self.grid, self.mask_ratios, self.mask_ratio_vars,
@@ -734,7 +739,8 @@ class IBOT(nn.Module):
             masks = masks.flatten(1)
         with torch.no_grad():  # the online tokenizer: all tokens, since c' averages over every patch
             teacher_cls, teacher_patch = self.teacher.head(self.teacher.backbone(global_crops))
-        student_cls, student_patch, global_cls_tokens = (self.student if student is None else student)(global_crops, local_crops, masks)
+        student = self.student if student is None else student
+        student_cls, student_patch, global_cls_tokens = student(global_crops, local_crops, masks)
         out = self.loss.forward_masked(student_cls, student_patch, teacher_cls, teacher_patch, masks,
                                        teacher_temp, teacher_patch_temp)
         if self.cfg.koleo:  # optional: each global crop's batch of backbone [CLS] features spread apart

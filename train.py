@@ -13,7 +13,7 @@ Several nodes (run on each; --max-restarts recovers through the automatic resume
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --max-restarts 3 \\
         train.py --preset imagenet-vit-s16 --data-path /data/imagenet --output-dir runs/vits16
 Benchmark (prints one JSON line; bench.py does the same, and --profile there adds an operator table):
-    python train.py --dataset synthetic --arch vit_tiny --patch-size 4 --global-size 32 --local-size 16 \\
+    python train.py --preset cifar10 --dataset synthetic --arch vit_tiny --patch-size 4 --global-size 32 --local-size 16 \\
         --local-crops 6 --batch-size 64 --out-dim 4096 --benchmark 5 --device cpu
 
 A run writes <output-dir>/checkpoint.pth (atomically, every epoch and on Ctrl-C), log.jsonl and curves.png
@@ -90,6 +90,14 @@ class TrainConfig:
     device_augment: bool = False  # decode once, make crops and masks on the device (batched_views.py)
     benchmark: int = 0  # time N steps and print one JSON line instead of training (bench.py)
 
+    def __post_init__(self):
+        for name in ("batch_size", "epochs", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("log_every", "knn_every", "knn_every_steps", "benchmark"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+
 
 SHARED_CIFAR10 = Path(__file__).resolve().parent.parent / "shared" / "data" / "cifar10" / "train"
 PRESETS = {
@@ -119,7 +127,7 @@ PRESETS["cifar10-cpu"] = {**PRESETS["cifar10"], "arch": "vit_nano", "out_dim": 1
 PRESETS["cifar100"] = {**PRESETS["cifar10"], "dataset": "cifar100", "data_path": "data/"}
 CONFIGS = (M.IBOTConfig, M.MultiCropAugmentation, TrainConfig)
 CHOICES = dict(arch=sorted(M.ARCHS), centering=["center", "sinkhorn"], mask_shape=["block", "rand"],
-               precision=["fp32", "bf16", "fp16"])
+               precision=["fp32", "bf16", "fp16"], device=["cuda", "mps", "cpu"])
 NOT_FLAGS = {"mean", "std"}  # the views' normalisation follows the data (ImageNet statistics)
 
 
@@ -134,7 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     S = argparse.SUPPRESS  # unset flags stay unset, so the preset decides
-    p.add_argument("--preset", default=S, help=f"one of {sorted(PRESETS)} (default cifar10)")
+    p.add_argument("--preset", default=S, help=f"one of {sorted(PRESETS)} (default: cifar10 on CUDA, else cifar10-cpu)")
     defaults, seen = {}, set()
     for cls in CONFIGS:
         hints = typing.get_type_hints(cls)
@@ -149,8 +157,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             flag, typ = "--" + f.name.replace("_", "-"), typing.get_origin(hint) or hint
             if typ is bool:
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, default=S)
-            elif typ is tuple:
-                p.add_argument(flag, type=float, nargs="+", default=S)
+            elif typ is tuple:  # tuple[float, float]: exactly two numbers; tuple[float, ...]: one or more
+                items = typing.get_args(hint)
+                p.add_argument(flag, type=float, nargs="+" if Ellipsis in items else len(items), default=S)
             else:
                 p.add_argument(flag, type=typ, choices=CHOICES.get(f.name), default=S,
                                help=f"default {f.default} (see {cls.__name__})")
@@ -215,9 +224,16 @@ class Schedules:
                                                   hold_steps=steps(args.pred_start_epoch))
         self.freeze_last_layer_steps = steps(args.freeze_last_layer)
 
-    def sized_to(self, step: int, seconds_left: float, step_s: float) -> "Schedules":
-        """The same schedules stretched or shrunk to end when seconds_left run out at step_s per step."""
-        total = step + max(int(seconds_left / step_s), 1)
+    def within_budget(self, step: int, seconds_left: float, step_s: float, resize: bool) -> "Schedules":
+        """The schedules of a run on a wall-clock budget, after `step` steps of step_s seconds each: stretched or
+        shrunk to end when seconds_left run out (when `resize`, and at every step in the last 20, so the last step
+        runs at the final values), and ended after one more step, at the final values, once no time is left."""
+        if seconds_left <= 0:
+            total = min(self.total, step + 1)  # out of time: one last step, at the final values
+        elif resize or seconds_left < 20 * step_s:
+            total = step + max(int(seconds_left / step_s), 1)
+        else:
+            return self
         return self if total == self.total else Schedules(self.args, total, self.steps_per_epoch, self.global_batch)
 
     def at(self, step: int) -> dict:
@@ -257,8 +273,9 @@ def set_rng_state(state: dict) -> None:
 
 
 # flags that may differ when a run resumes; a difference in any other (data, networks, schedules) is refused
-MAY_CHANGE_ON_RESUME = {"preset", "output_dir", "resume", "ckpt_every", "knn_every", "workers", "device",
-                        "precision", "compile", "benchmark"}
+MAY_CHANGE_ON_RESUME = {"preset", "output_dir", "resume", "ckpt_every", "knn_every", "knn_every_steps",
+                        "knn_bank_per_class", "log_every", "download", "workers", "device", "precision", "compile",
+                        "benchmark"}
 
 
 def load_for_resume(path: Path, config: dict) -> dict:
@@ -269,7 +286,8 @@ def load_for_resume(path: Path, config: dict) -> dict:
     except Exception as e:  # a cut or foreign file: zip, pickle, EOF or key errors, whichever comes first
         raise ValueError(f"cannot resume from {path}: the file is damaged or not a train.py checkpoint "
                          f"({type(e).__name__}); pass --no-resume to start afresh, or another --output-dir") from e
-    diff = {k: (saved.get(k), v) for k, v in config.items() if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != v}
+    diff = {k: (saved[k], v) for k, v in config.items()  # fields a checkpoint predates are not compared
+            if k in saved and k not in MAY_CHANGE_ON_RESUME and saved[k] != v}
     if diff:
         listed = ", ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in sorted(diff.items()))
         raise ValueError(f"cannot resume {path}: it was made with other settings ({listed}); use the same "
@@ -330,12 +348,13 @@ class Run:
 
 def setup(args) -> Run:
     """Device, processes, data and batches, model, optimiser: everything before the first step."""
+    build(TrainConfig, args)  # bad values fail here, before any process group or data
     args.device = pick_device(args.device)
     args.precision = pick_precision(args.precision, args.device)
     rank, world, local_rank = setup_distributed(args)
     device = f"cuda:{local_rank}" if args.device == "cuda" else args.device
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    cfg, aug = build(M.IBOTConfig, args), build(M.MultiCropAugmentation, args)  # bad values fail here, early
+    cfg, aug = build(M.IBOTConfig, args), build(M.MultiCropAugmentation, args)
     if cfg.koleo and args.batch_size < 2:  # KoLeo's nearest neighbours are taken within each process's batch
         raise ValueError(f"--koleo {cfg.koleo} needs a --batch-size of at least 2 images per process, got "
                          f"{args.batch_size}; pass --koleo 0 to train on one image per step")
@@ -343,7 +362,8 @@ def setup(args) -> Run:
     images = D.build_dataset(args.dataset, args.data_path, "train", args.holdout_per_class, args.limit_per_class,
                              args.download, synthetic_size=args.global_size)
     if len(images) < args.batch_size * world:
-        raise ValueError(f"the dataset has {len(images)} images, fewer than one global batch ({args.batch_size * world})")
+        raise ValueError(f"the dataset has {len(images)} images, fewer than one global batch "
+                         f"({args.batch_size * world})")
     dataset = D.MultiCropDataset(images, aug, args.seed, args.pred_start_epoch)
     sampler = EpochSampler(len(dataset), args.batch_size, rank, world, args.seed)
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
@@ -407,6 +427,25 @@ def train_step(run: Run, batch, s: dict, freeze_last_layer: bool) -> dict:
     return {k: v.detach() for k, v in out.items()}
 
 
+def slowest_rank(*seconds: float) -> list[float]:
+    """Each clock reading as the slowest rank has it (the same numbers on every rank)."""
+    if not dist.is_initialized():
+        return list(seconds)
+    t = torch.tensor(seconds, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # gloo, or NCCL's CPU-side copy: a few floats
+    return t.tolist()
+
+
+def all_ranks_finite(values: list[float]) -> bool:
+    """Whether every value on every rank is finite: one rank's NaN stops all of them, none waits forever."""
+    ok = all(math.isfinite(v) for v in values)
+    if dist.is_initialized():
+        flag = torch.tensor([float(ok)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item())
+    return ok
+
+
 def weights_finite(model: M.IBOT) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in [*model.student.parameters(), *model.teacher.parameters()])
 
@@ -440,15 +479,15 @@ def train(args) -> dict:
     if args.benchmark:
         import bench  # the benchmark times the same step, outside the training loop
         return bench.benchmark(args)
+    run = setup(args)
     for note in getattr(args, "notes", []):
         print0(note)
-    run = setup(args)
     model, steps_per_epoch, global_batch, rank = run.model, run.steps_per_epoch, run.global_batch, run.rank
     out_dir, ckpt_path = Path(args.output_dir), Path(args.output_dir) / "checkpoint.pth"
     total = args.epochs * steps_per_epoch
     if args.max_steps:
         total = min(total, args.max_steps)
-    schedules, step = Schedules(args, total, steps_per_epoch, global_batch), 0
+    schedules, step, knn_s = Schedules(args, total, steps_per_epoch, global_batch), 0, 0.0
 
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
               if k not in ("t_start", "notes")}
@@ -457,7 +496,7 @@ def train(args) -> dict:
         model.load_checkpoint(ckpt)
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
+        step, knn_s = ckpt["step"], ckpt.get("knn_s", 0.0)
         schedules = Schedules(args, ckpt["total"], steps_per_epoch, global_batch)
         set_rng_state(ckpt["rng"])
         print0(f"resumed from {ckpt_path} at step {step} of {schedules.total}")
@@ -471,7 +510,7 @@ def train(args) -> dict:
             ckpt = model.checkpoint()
             ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
                         epoch=step // steps_per_epoch, step=step, total=schedules.total, train_config=config,
-                        rng=rng_state())
+                        rng=rng_state(), knn_s=knn_s)
             save_atomic(ckpt, ckpt_path)
         return True
 
@@ -490,12 +529,12 @@ def train(args) -> dict:
 
     print0(f"iBOT {args.arch}/{args.patch_size} on {args.dataset} ({len(run.images)} images), {run.world} x "
            f"{args.device}, {args.precision}, batch {global_batch}, {schedules.total} steps")
-    scoring = bool(args.knn_every) and D.has_val_split(args.dataset, args.data_path, args.holdout_per_class)
-    knn_s = 0.0  # what one kNN score costs, kept free at the end of a budget
+    scoring = bool(args.knn_every or args.knn_every_steps) and D.has_val_split(args.dataset, args.data_path,
+                                                                               args.holdout_per_class)
     if scoring and step == 0:
         t0 = time.perf_counter()
         log(dict(epoch=0, step=0, knn_top1=knn_monitor(model, args, run.device)))  # the random-init baseline
-        knn_s = time.perf_counter() - t0
+        knn_s = time.perf_counter() - t0  # what one kNN score costs, kept free at the end of a budget
     interrupted, last_row, t_print = False, None, time.perf_counter()
     sums, n, t_row = {}, 0, time.perf_counter()  # the means of the steps since the last row
 
@@ -504,7 +543,7 @@ def train(args) -> dict:
         if not n:
             return {}
         means = {k: float(v) / n for k, v in sums.items()}
-        if not all(math.isfinite(v) for v in means.values()):
+        if not all_ranks_finite(list(means.values())):
             raise non_finite(f"in the steps up to {step}")
         row = dict(epoch=epoch, step=step, images_seen=step * global_batch, **means, **s,
                    img_per_s=n * global_batch / (time.perf_counter() - t_row),
@@ -518,6 +557,7 @@ def train(args) -> dict:
 
     t_loop, step_at_loop = time.perf_counter(), step
     reserve = 1.2 * knn_s + 5.0 if scoring else 5.0  # the final score, checkpoint and plot after the last step
+    completed = False
     try:
         while step < schedules.total:
             epoch, start_batch = divmod(step, steps_per_epoch)
@@ -529,29 +569,25 @@ def train(args) -> dict:
                 sums = {k: sums.get(k, 0.0) + v for k, v in out.items()}
                 n += 1
                 n_epoch += 1
-                now = time.perf_counter()
                 k = step - step_at_loop
                 if args.budget_s and k == 2:
-                    t_loop = now  # the rate is measured after the first (compiling, loader-starting) steps
-                if args.budget_s and k >= 3:
-                    # size every schedule to end with the budget: every 10 steps, then every step near the end,
-                    # so the last step runs at the schedules' final values
-                    step_s = (now - t_loop) / (k - 2)
-                    left = args.budget_s - (now - t_start) - reserve
-                    if k == 3 or step % 10 == 0 or left < 20 * step_s:
-                        schedules = schedules.sized_to(step, left, step_s)
+                    t_loop = time.perf_counter()  # the rate is measured after the first (compiling) steps
+                if args.budget_s and k >= 3:  # the slowest rank's clock, so that every rank decides alike
+                    elapsed, loop_s = slowest_rank(time.perf_counter() - t_start, time.perf_counter() - t_loop)
+                    schedules = schedules.within_budget(step, args.budget_s - reserve - elapsed, loop_s / (k - 2),
+                                                        resize=k == 3 or step % 10 == 0)
                     if k == 3:
-                        print0(f"budget {args.budget_s:.0f}s: about {schedules.total} steps "
-                               f"({schedules.total / steps_per_epoch:.2f} epochs) at {global_batch / step_s:.0f} img/s")
-                    if left <= 0:
-                        schedules.total = step  # out of time: stop here
+                        epochs = schedules.total / steps_per_epoch
+                        print0(f"budget {args.budget_s:.0f}s: about {schedules.total} steps ({epochs:.2f} epochs) "
+                               f"at {global_batch * (k - 2) / loop_s:.0f} img/s")
+                now = time.perf_counter()
+                if step % 10 == 0 or step >= schedules.total:  # steps every rank shares: a collective check
+                    if not all_ranks_finite([float(out["loss"])]):
+                        raise non_finite(f"{float(out['loss'])} at step {step - 1}")
                 if step % 10 == 0 or step >= schedules.total or now - t_print > 8:
-                    loss = float(out["loss"])
-                    if not math.isfinite(loss):
-                        raise non_finite(f"{loss} at step {step - 1}")
                     eta = (schedules.total - step) * (now - t_epoch) / n_epoch
-                    print0(f"epoch {epoch} step {step}/{schedules.total} loss {loss:.3f} (cls {float(out['cls']):.3f}"
-                           f" patch {float(out['patch']):.3f}) lr {s['lr']:.2e} "
+                    print0(f"epoch {epoch} step {step}/{schedules.total} loss {float(out['loss']):.3f} (cls "
+                           f"{float(out['cls']):.3f} patch {float(out['patch']):.3f}) lr {s['lr']:.2e} "
                            f"{n_epoch * global_batch / (now - t_epoch):.0f} img/s {(now - t_start) / 60:.1f} min, "
                            f"ETA {eta / 60:.1f} min")
                     t_print = now
@@ -560,12 +596,14 @@ def train(args) -> dict:
                 knn = bool(args.knn_every_steps) and step % args.knn_every_steps == 0
                 if ((args.log_every and step % args.log_every == 0) or knn) and step % steps_per_epoch:  # mid-epoch
                     last_row = log_row(round(step / steps_per_epoch, 3), s, batch, knn)
-            knn = args.knn_every and (epoch + 1) % args.knn_every == 0
+            knn = ((args.knn_every and (epoch + 1) % args.knn_every == 0) or step >= schedules.total
+                   or (args.knn_every_steps and step % args.knn_every_steps == 0))
             last_row = log_row(epoch + 1 if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 3), s,
-                               batch, knn or step >= schedules.total)
+                               batch, knn)
             if (epoch + 1) % args.ckpt_every == 0 or step >= schedules.total:
                 if not save():
                     raise non_finite(f"weights at step {step}")
+        completed = True
     except KeyboardInterrupt:
         interrupted = True
         if save():
@@ -575,7 +613,8 @@ def train(args) -> dict:
                    + (f"; {ckpt_path} is the last good checkpoint" if ckpt_path.exists() else ""))
     finally:
         if dist.is_initialized():
-            check_ranks_agree(model)
+            if completed:  # a collective: only when every rank got here the same way
+                check_ranks_agree(model)
             dist.destroy_process_group()
     if rank == 0 and (out_dir / "log.jsonl").exists():
         import plot_run
@@ -594,7 +633,7 @@ def check_ranks_agree(model: M.IBOT) -> None:
     mine = torch.stack(state).to(model.loss.center.device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
-    gap = max(float((g - mine).abs().max()) for g in gathered)
+    gap = max(float((other - mine).abs().max()) for other in gathered)
     if gap > 0:
         raise RuntimeError(f"ranks disagree on the teacher or the centres (max difference {gap})")
     print0(f"{len(gathered)} ranks agree on the teacher weights and loss centres")
@@ -605,18 +644,18 @@ def knn_monitor(model: M.IBOT, args, device) -> float:
     """kNN top-1 (k=20, T=0.07) of the teacher's [CLS] on the held-out split; the bank is the training split,
     at most knn_bank_per_class images of each class (a cheap monitor; eval_linear.py is the full protocol)."""
     t0 = time.perf_counter()
-    print0("kNN: extracting the teacher's features of the bank and the val split")
     tf = D.eval_transform(args.global_size)
     bank = min(filter(None, [args.knn_bank_per_class, args.limit_per_class]), default=None)
     splits = [D.build_dataset(args.dataset, args.data_path, "train", args.holdout_per_class, bank,
                               download=args.download),
               D.build_dataset(args.dataset, args.data_path, "val", args.holdout_per_class, download=args.download)]
-    loaders = [torch.utils.data.DataLoader(D.Transformed(images, tf), batch_size=256, num_workers=args.workers or 0,
+    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+    loaders = [torch.utils.data.DataLoader(D.Transformed(images, tf), batch_size=256, num_workers=workers,
                                            generator=torch.Generator())  # spares the global RNG (exact resume)
                for images in splits]
     with torch.autocast(args.device, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext():
-        train_f, train_y = M.extract_features(model.teacher.backbone, loaders[0], device)
-        val_f, val_y = M.extract_features(model.teacher.backbone, loaders[1], device)
+        train_f, train_y = M.extract_features(model.teacher.backbone, D.progress(loaders[0], "kNN bank"), device)
+        val_f, val_y = M.extract_features(model.teacher.backbone, D.progress(loaders[1], "kNN val"), device)
     top1 = M.knn_classify(train_f, train_y, val_f, val_y, ks=(20,))[min(20, len(train_f))]
     print0(f"kNN top-1 {top1:.2f} (bank {len(train_f)}, {len(val_f)} val images, {time.perf_counter() - t0:.0f}s)")
     return top1

@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
 
 # 1. step benchmark, ImageNet shape (ViT-S/16, 2x224 + 10x96, batch 128, K = 8192), as in the anchor
-python train.py --dataset synthetic --arch vit_small --patch-size 16 --global-size 224 --local-size 96 \
+python train.py --preset cifar10 --dataset synthetic --arch vit_small --patch-size 16 --global-size 224 --local-size 96 \
     --local-crops 10 --batch-size 128 --out-dim 8192 --benchmark "$BENCH_STEPS" --device cuda --device-augment \
     ${BENCH_FLAGS:-} | tail -n 1 | tee -a "$OUT/bench.jsonl"
 

@@ -15,9 +15,9 @@ import ibot_min as M
 
 @pytest.mark.parametrize("side, ratio", [(14, 0.1), (14, 0.3), (8, 0.2), (8, 0.5)])
 def test_batched_block_masks_match_the_sequential_distribution(side, ratio):
-    g = torch.Generator().manual_seed(0)
-    batched = BV.block_masks_batched(torch.full((2000,), ratio), side, side, g)
-    sequential = torch.stack([M.block_mask(side, side, ratio, g) for _ in range(600)])
+    gen = torch.Generator().manual_seed(0)
+    batched = BV.block_masks_batched(torch.full((2000,), ratio), side, side, gen)
+    sequential = torch.stack([M.block_mask(side, side, ratio, gen) for _ in range(600)])
     assert (batched.flatten(1).sum(1) <= ratio * side * side).all()
     assert abs(batched.float().mean() - sequential.float().mean()) < 0.01
     # blocks, not scattered patches: the share of masked 4-neighbours of masked patches agrees too
@@ -33,12 +33,12 @@ def test_batched_block_masks_match_the_sequential_distribution(side, ratio):
 
 
 def test_batched_masks_edge_cases():
-    g = torch.Generator().manual_seed(1)
-    assert not BV.block_masks_batched(torch.zeros(5), 8, 8, g).any()
+    gen = torch.Generator().manual_seed(1)
+    assert not BV.block_masks_batched(torch.zeros(5), 8, 8, gen).any()
     ratios = torch.tensor([0.0, 0.1, 0.25, 0.49])
-    counts = BV.random_masks_batched(ratios, 8, 8, g).flatten(1).sum(1)
+    counts = BV.random_masks_batched(ratios, 8, 8, gen).flatten(1).sum(1)
     assert counts.tolist() == [int(r * 64) for r in ratios.tolist()]
-    r = BV.sample_ratios(4000, (0.0, 0.3), (0.0, 0.2), g)
+    r = BV.sample_ratios(4000, (0.0, 0.3), (0.0, 0.2), gen)
     assert 0.45 < (r == 0).float().mean() < 0.55 and ((r == 0) | ((r >= 0.1) & (r <= 0.5))).all()
 
 
@@ -63,12 +63,12 @@ def test_gaussian_blur_matches_torchvision_and_keeps_constants():
 
 
 def test_crop_boxes_follow_random_resized_crop():
-    g = torch.Generator().manual_seed(2)
+    gen = torch.Generator().manual_seed(2)
     aug = M.MultiCropAugmentation(global_size=32, local_size=16, global_crops=2, local_crops=2, patch_size=4, blur=False)
-    boxes = BV.BatchedMultiCrop(aug).crop_boxes(4000, 32, 32, (0.14, 1.0), g, "cpu")
+    boxes = BV.BatchedMultiCrop(aug).crop_boxes(4000, 32, 32, (0.14, 1.0), gen, "cpu")
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 32).all() and (boxes[:, 3] <= 32).all()
-    ref = torch.tensor([M.random_resized_crop_params(32, 32, (0.14, 1.0), generator=g)[2:] for _ in range(4000)],
+    ref = torch.tensor([M.random_resized_crop_params(32, 32, (0.14, 1.0), generator=gen)[2:] for _ in range(4000)],
                        dtype=torch.float)
     area, ref_area = (w * h / 1024), ref[:, 0] * ref[:, 1] / 1024
     assert abs(area.mean() - ref_area.mean()) < 0.02 and abs(area.std() - ref_area.std()) < 0.02
@@ -78,7 +78,7 @@ def test_crop_boxes_follow_random_resized_crop():
 
 
 def test_batched_multicrop_shapes_statistics_and_seeding():
-    aug = M.MultiCropAugmentation(32, 16, 2, 3, patch_size=4, blur=True)
+    aug = M.MultiCropAugmentation(global_size=32, local_size=16, global_crops=2, local_crops=3, patch_size=4, blur=True)
     views = BV.BatchedMultiCrop(aug)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     glob, local, masks = views(images, torch.Generator().manual_seed(5))
@@ -90,17 +90,18 @@ def test_batched_multicrop_shapes_statistics_and_seeding():
     # the same colour statistics as the PIL path over many views of one image (pixel means agree)
     from PIL import Image
     img = Image.fromarray(images[0].permute(1, 2, 0).numpy())
-    globals_only = M.MultiCropAugmentation(32, 16, 1, 0, patch_size=4, blur=True)
-    g = torch.Generator().manual_seed(6)
-    cpu = torch.stack([globals_only(img, g)[0][0] for _ in range(300)])
+    globals_only = M.MultiCropAugmentation(global_size=32, local_size=16, global_crops=1, local_crops=0, patch_size=4,
+                                          blur=True)
+    gen = torch.Generator().manual_seed(6)
+    cpu = torch.stack([globals_only(img, gen)[0][0] for _ in range(300)])
     gpu = BV.BatchedMultiCrop(globals_only)(images[:1].expand(300, -1, -1, -1), torch.Generator().manual_seed(7))[0]
     assert torch.allclose(cpu.mean((0, 2, 3)), gpu.mean((0, 2, 3)), atol=0.08)
     assert torch.allclose(cpu.std((0, 2, 3)), gpu.std((0, 2, 3)), atol=0.08)
 
 
 def test_sinkhorn_knopp_balances_prototypes():
-    g = torch.Generator().manual_seed(3)
-    scores = torch.randn(64, 16, generator=g) * 3
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(64, 16, generator=gen) * 3
     Q = M.sinkhorn_knopp(scores, iterations=30)
     assert torch.allclose(Q.sum(1), torch.ones(64), atol=1e-5)  # each row a distribution
     assert torch.allclose(Q.sum(0), torch.full((16,), 64 / 16), atol=1e-3)  # each prototype used equally
@@ -108,12 +109,12 @@ def test_sinkhorn_knopp_balances_prototypes():
 
 
 def test_sinkhorn_loss_uses_balanced_targets():
-    g = torch.Generator().manual_seed(4)
+    gen = torch.Generator().manual_seed(4)
     B, K, N = 6, 8, 4
     loss = M.IBOTLoss(K, K, 2, 1, centering="sinkhorn")
-    s_cls, t_cls = torch.randn(3 * B, K, generator=g), torch.randn(2 * B, K, generator=g)
-    s_patch, t_patch = torch.randn(2 * B, N, K, generator=g), torch.randn(2 * B, N, K, generator=g)
-    masks = torch.rand(2 * B, N, generator=g) < 0.5
+    s_cls, t_cls = torch.randn(3 * B, K, generator=gen), torch.randn(2 * B, K, generator=gen)
+    s_patch, t_patch = torch.randn(2 * B, N, K, generator=gen), torch.randn(2 * B, N, K, generator=gen)
+    masks = torch.rand(2 * B, N, generator=gen) < 0.5
     out = loss(s_cls, s_patch, t_cls, t_patch, masks, 0.05, 0.05)
     P = M.sinkhorn_knopp(t_cls / 0.05).view(2, B, K)
     log_s = torch.log_softmax(s_cls / 0.1, -1).view(3, B, K)
@@ -144,6 +145,6 @@ def test_cuda_bf16_step_matches_cpu_fp32():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         gpu = model(glob.cuda(), local.cuda(), masks.cuda(), 0.04, 0.04)["loss"]
     assert math.isclose(float(cpu), float(gpu), rel_tol=0.02)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    out = BV.BatchedMultiCrop(aug)(images.cuda(), g)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out = BV.BatchedMultiCrop(aug)(images.cuda(), gen)
     assert out[0].is_cuda and out[2].shape == (32, 64)

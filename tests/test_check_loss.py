@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import check_loss as cl
-from ibot_min import IBOTLoss
+import ibot_min as M
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = settings(max_examples=25, deadline=None)
@@ -41,7 +41,7 @@ class BatchMajorIBOT(nn.Module):
 
     def __init__(self, out_dim, patch_out_dim, n_global_crops, n_local_crops):
         super().__init__()
-        self.inner = IBOTLoss(out_dim, patch_out_dim, n_global_crops, n_local_crops)
+        self.inner = M.IBOTLoss(out_dim, patch_out_dim, n_global_crops, n_local_crops)
         self.g, self.V = n_global_crops, n_global_crops + n_local_crops
         self.center, self.patch_center = self.inner.center, self.inner.patch_center
 
@@ -54,7 +54,7 @@ class BatchMajorIBOT(nn.Module):
                           crop_major(teacher_patch, g), crop_major(masks, g), tau_t, tau_tp)
 
 
-class PerCropIBOT(IBOTLoss):
+class PerCropIBOT(M.IBOTLoss):
     """IBOTLoss behind lists of per-view tensors, as lightly and DINOv2 pass them."""
 
     def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, masks, tau_t, tau_tp):
@@ -130,7 +130,7 @@ def test_reference_without_mistake_is_ibot_loss(gl, B, N, K, K_p, tau_t, tau_tp,
     logits = [scale * torch.randn(shape, generator=gen) for shape in
               [((g + l) * B, K), (g * B, N, K_p), (g * B, K), (g * B, N, K_p)]]
     masks = torch.rand(g * B, N, generator=gen) < p_mask
-    ours = IBOTLoss(K, K_p, g, l)
+    ours = M.IBOTLoss(K, K_p, g, l)
     ours.center.copy_(torch.randn(1, K, generator=gen))
     ours.patch_center.copy_(torch.randn(1, 1, K_p, generator=gen))
     center, patch_center = ours.center.flatten().clone(), ours.patch_center.flatten().clone()
@@ -174,7 +174,7 @@ def test_unknown_mistake_is_refused():
 # ---- 2. correct losses pass, in every layout; a wrong layout fails ----
 
 
-@pytest.mark.parametrize("layout, factory", [("official", IBOTLoss), ("batch-major", BatchMajorIBOT),
+@pytest.mark.parametrize("layout, factory", [("official", M.IBOTLoss), ("batch-major", BatchMajorIBOT),
                                              ("per-crop", PerCropIBOT), ("official", OfficialStyleLoss)])
 def test_correct_losses_pass(layout, factory):
     report = cl.check(factory, layout)
@@ -186,14 +186,14 @@ def test_correct_losses_pass(layout, factory):
 
 
 def test_ibot_loss_in_the_wrong_layout_fails():
-    report = cl.check(IBOTLoss, "batch-major")
+    report = cl.check(M.IBOTLoss, "batch-major")
     assert not report["ok"]
     assert all(r["ok"] for r in report["rows"] if r["case"] == "1 global + 1 local, B=1")  # B = 1: same rows
 
 
 def test_a_total_without_terms_or_centres_is_checked_on_what_it_gives():
     def factory(**sizes):
-        loss = IBOTLoss(**sizes)
+        loss = M.IBOTLoss(**sizes)
         return lambda *args: loss(*args)["loss"]
     report = cl.check(factory)
     assert report["ok"] and report["not_compared"] == ["centre c", "centre c'", "cls", "patch"]
@@ -225,7 +225,7 @@ def test_teacher_gradients_alone_reveal_an_undetached_target():
 
 
 def test_an_unknown_mistake_is_reported_as_such():
-    class DoubledPatch(IBOTLoss):
+    class DoubledPatch(M.IBOTLoss):
         def forward(self, *args):
             out = super().forward(*args)
             return {"cls": out["cls"], "patch": 2 * out["patch"], "loss": out["cls"] + 2 * out["patch"]}
@@ -246,9 +246,9 @@ def test_a_nan_is_shown_and_kept_out_of_the_json(capsys):
 # ---- 4. the command line ----
 
 WRONG_LOSS = '''
-from ibot_min import IBOTLoss
+import ibot_min as M
 
-class SharedTemperature(IBOTLoss):
+class SharedTemperature(M.IBOTLoss):
     def forward(self, s_cls, s_patch, t_cls, t_patch, masks, teacher_temp, teacher_patch_temp):
         return super().forward(s_cls, s_patch, t_cls, t_patch, masks, teacher_temp, teacher_temp)
 
@@ -256,7 +256,7 @@ def make_loss(**sizes):
     return SharedTemperature(**sizes)
 
 def make_ours(**sizes):
-    return IBOTLoss(**sizes)
+    return M.IBOTLoss(**sizes)
 
 def make_broken(out_dim, patch_out_dim, n_global_crops, n_local_crops):
     raise RuntimeError("no GPU here")
@@ -265,7 +265,7 @@ def make_two_argument_loss(**sizes):
     return lambda student_cls, teacher_cls: 0.0
 
 def make_tuple_loss(**sizes):
-    loss = IBOTLoss(**sizes)
+    loss = M.IBOTLoss(**sizes)
     return lambda *args: tuple(loss(*args).values())
 '''
 
