@@ -762,8 +762,8 @@ print(f"{hits} of {nearest.numel()} neighbours share the query's class")
 
 # %% [markdown]
 # **What the shipped model does and does not see yet.** Its kNN score is above the random network's: by about
-# two points with this notebook's bank of 1,000 images, by five (31.9 against 26.7) with the README's bank of
-# 10,000. Its nearest neighbours share the query's class more often than chance (1 in 10), mostly by colour and
+# two points with this notebook's bank of 1,000 images, by three and a half (31.9 against 28.4) with the
+# README's bank of 10,000. Its nearest neighbours share the query's class more often than chance (1 in 10), mostly by colour and
 # layout. The attention maps and prototype maps still look much like the 2-minute model's: they
 # do not outline objects, and patches are grouped by colour and brightness rather than by part. The recipe has
 # not left the uniform plateau of section 6 (README, "Results": the teacher's target entropy stays near
