@@ -352,6 +352,8 @@ def setup(args) -> Run:
     args.device = pick_device(args.device)
     args.precision = pick_precision(args.precision, args.device)
     rank, world, local_rank = setup_distributed(args)
+    for note in getattr(args, "notes", []):  # the first lines: what was chosen for the user, and why
+        print0(note)
     device = f"cuda:{local_rank}" if args.device == "cuda" else args.device
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     cfg, aug = build(M.IBOTConfig, args), build(M.MultiCropAugmentation, args)
@@ -480,8 +482,6 @@ def train(args) -> dict:
         import bench  # the benchmark times the same step, outside the training loop
         return bench.benchmark(args)
     run = setup(args)
-    for note in getattr(args, "notes", []):
-        print0(note)
     model, steps_per_epoch, global_batch, rank = run.model, run.steps_per_epoch, run.global_batch, run.rank
     out_dir, ckpt_path = Path(args.output_dir), Path(args.output_dir) / "checkpoint.pth"
     total = args.epochs * steps_per_epoch
