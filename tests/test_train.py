@@ -312,6 +312,8 @@ def test_plot_draws_every_row(folder, tmp_path):
     assert len(loss_axis.lines[0].get_xdata()) == 3  # one point a row: 3 epochs
     assert len(knn_axis.lines[0].get_xdata()) == 4  # the random-init score, then one an epoch
     assert list(knn_axis.lines[0].get_ydata()) == [r["knn_top1"] for r in rows]
+    by_minutes = fig.axes[2].lines[0].get_xdata()  # the same scores against wall time, in order
+    assert len(by_minutes) == 4 and list(by_minutes) == sorted(by_minutes)
     path = plot_run.plot(out)
     assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
     assert plot_run.main([str(tmp_path / "nothing-here")]) == 1
@@ -389,3 +391,24 @@ def test_torchrun_budget_is_sized_alike_on_every_rank(folder, tmp_path):
     assert "2 ranks agree on the teacher weights and loss centres" in proc.stdout
     last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert last["lr"] == pytest.approx(1e-6) and last["momentum"] == pytest.approx(1.0)
+
+
+def test_compare_draws_one_line_per_run_one_colour_per_recipe(tmp_path):
+    import plot_run
+    rows = lambda knn: [dict(step=0, images_seen=0, knn_top1=knn[0], elapsed_s=12.0),  # noqa: E731
+                        dict(step=100, images_seen=6400, loss=9.0, knn_top1=knn[1], elapsed_s=72.0)]
+    runs = {"cold-s0": rows([27, 33]), "cold-s1": rows([26, 34]), "base-s0": rows([27, 31])}
+    fig = plot_run.compare_figure(runs)
+    by_images, by_minutes = fig.axes
+    assert [list(line.get_ydata()) for line in by_images.lines] == [[27, 33], [26, 34], [27, 31]]
+    assert list(by_minutes.lines[0].get_xdata()) == [0.2, 1.2]  # minutes
+    colours = [line.get_color() for line in by_images.lines]
+    assert colours[0] == colours[1] != colours[2]  # seeds of a recipe share a colour
+    assert [t.get_text() for t in by_images.get_legend().get_texts()] == ["cold", "base"]
+    for name, r in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.jsonl").write_text("\n".join(json.dumps(x) for x in r))
+    out = tmp_path / "knn.png"
+    assert plot_run.main(["--compare", str(out), *(str(tmp_path / n) for n in runs)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert plot_run.main(["--compare", str(out)]) == 2
