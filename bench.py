@@ -8,6 +8,7 @@ to this file with the same flags and prints the same line.
         --local-crops 6 --batch-size 64 --out-dim 4096 --device cpu            # the README's CPU shape
     python bench.py [same flags] --profile     # + a torch.profiler table of one step, operators by self time
     python bench.py [same flags] --attention   # + SDPA against matmul + softmax at the step's shapes
+    python bench.py [same flags] --matmuls     # + the step's matrix products timed alone: the step's floor
 
 JSON fields: img_per_s and step_s (median of the timed steps, after 3 warm-up steps), gflop_per_img and
 tflop_per_s (FlopCounterMode on one eager step); on CUDA the card's name, peak memory and MFU against its
@@ -15,6 +16,7 @@ dense bf16 peak; on a CPU `amx` (whether it has AMX tiles), and the rate of one 
 precision (matmul_tflop_per_s) with the step's share of it (of_matmul).
 """
 
+import collections
 import json
 import statistics
 import sys
@@ -23,6 +25,7 @@ from contextlib import nullcontext
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import ibot_min as M
@@ -119,10 +122,55 @@ def attention_paths(args, repeats: int = 5) -> list[dict]:
     return rows
 
 
+class MatmulCalls(TorchDispatchMode):
+    """Counts the matrix products a step runs (forward and backward, after autocast's casts) by operator,
+    operand shapes, strides (transposed operands run different kernels) and dtype."""
+
+    OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            self.calls[(func, tuple((tuple(a.shape), a.stride(), a.dtype) for a in args))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def matmul_floor(args, step_s: float, repeats: int = 3) -> dict:
+    """The step's matrix products, each timed alone at its own shapes (median of `repeats`) and summed: the
+    time the step would take if everything else were free. Its share of the measured step says how far the rest
+    (casts, norms, GELU, softmax, the optimiser) leaves the step from what the matrix unit allows at these shapes."""
+    run = train.setup(args)
+    schedules = train.Schedules(args, 1, run.steps_per_epoch, run.global_batch)
+    recorder = MatmulCalls()
+    with recorder:
+        train.train_step(run, next(iter(run.epoch_batches(0, 0))), schedules.at(0), False)
+    floor_s, flop = 0.0, 0
+    for (func, operands), count in recorder.calls.items():
+        tensors = [torch.empty_strided(shape, stride, dtype=dtype, device=run.device).normal_()
+                   for shape, stride, dtype in operands]
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            func(*tensors)
+            times.append(time.perf_counter() - t0)
+        floor_s += count * statistics.median(times[1:])
+        (m, k), n = operands[-2][0][-2:], operands[-1][0][-1]
+        flop += count * 2 * m * k * n * (operands[-1][0][0] if func is torch.ops.aten.bmm.default else 1)
+    out = dict(matmul_calls=sum(recorder.calls.values()), matmul_shapes=len(recorder.calls),
+               matmul_gflop_per_img=flop / run.global_batch / 1e9, matmul_floor_s=floor_s,
+               matmul_floor_tflop_per_s=flop / floor_s / 1e12, floor_img_per_s=run.global_batch / floor_s,
+               step_over_floor=step_s / floor_s)
+    print0(json.dumps(out))
+    return out
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    profile_step, attention = "--profile" in argv, "--attention" in argv
-    argv = [a for a in argv if a not in ("--profile", "--attention")]
+    profile_step, attention, matmuls = "--profile" in argv, "--attention" in argv, "--matmuls" in argv
+    argv = [a for a in argv if a not in ("--profile", "--attention", "--matmuls")]
     try:
         args = train.parse_args(argv)
         args.benchmark = args.benchmark or 5
@@ -130,7 +178,9 @@ def main(argv=None) -> int:
             args.device = pick_device(args.device)
             args.precision = pick_precision(args.precision, args.device)
             attention_paths(args)
-        benchmark(args, profile_step)
+        result = benchmark(args, profile_step)
+        if matmuls:
+            matmul_floor(args, result["step_s"])
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -119,7 +119,9 @@ def compare_figure(runs: dict[str, list[dict]]):
         knn = [r["knn_top1"] for r in rows]
         by_images.plot([r.get("images_seen", 0) for r in rows], knn, marker=".", color=colour,
                        label="_" if labelled else recipe, alpha=0.8)
-        by_minutes.plot([r.get("elapsed_s", 0) / 60 for r in rows], knn, marker=".", color=colour, alpha=0.8)
+        timed = [r for r in rows if "elapsed_s" in r]  # logs before the field had no time on the init score
+        by_minutes.plot([r["elapsed_s"] / 60 for r in timed], [r["knn_top1"] for r in timed], marker=".",
+                        color=colour, alpha=0.8)
     by_images.set_xlabel("images seen"), by_minutes.set_xlabel("minutes since the command started")
     for ax in (by_images, by_minutes):
         ax.set_ylabel("kNN top-1 (%)"), ax.grid(alpha=0.3)

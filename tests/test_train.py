@@ -212,6 +212,19 @@ def test_bench_profile_prints_the_step_operators_and_the_benchmark(tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["steps"] == 5  # and the benchmark ran on past it
 
 
+def test_bench_matmul_floor_sees_every_matrix_product(capsys):
+    import bench
+    args = train.parse_args(TINY + ["--dataset", "synthetic", "--batch-size", "4", "--precision", "bf16"])
+    args.benchmark = 1
+    step = bench.benchmark(args)
+    floor = bench.matmul_floor(args, step["step_s"])
+    # bf16 on a CPU: attention is two matmuls too, so the recorded products hold all the step's FLOPs but the
+    # patch embedding's convolution (a few percent at this size)
+    assert 0.9 < floor["matmul_gflop_per_img"] / step["gflop_per_img"] <= 1.0
+    assert floor["matmul_calls"] >= floor["matmul_shapes"] > 10 and floor["matmul_floor_s"] > 0
+    assert floor["step_over_floor"] == pytest.approx(step["step_s"] / floor["matmul_floor_s"])
+
+
 def test_torchrun_two_processes_agree(folder, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
