@@ -84,12 +84,13 @@ class IBOTConfig:
 # ---- vision transformer (timm / DINO parameter names, so public checkpoints load as they are) ----
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch of a random subset of samples."""
+def add_drop_path(x: torch.Tensor, branch: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """x + branch, with stochastic depth: the residual branch of a random subset of samples dropped, the kept
+    ones scaled by 1 / (1 - p). One fused pass (addcmul) over the activations instead of three."""
     if p == 0.0 or not training:
-        return x
+        return x + branch
     keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype).bernoulli_(1 - p)
-    return x * keep / (1 - p)
+    return torch.addcmul(x, branch, keep.div_(1 - p))  # x + branch * keep / (1 - p)
 
 
 class Attention(nn.Module):
@@ -144,8 +145,8 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x):
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = add_drop_path(x, self.attn(self.norm1(x)), self.drop_path, self.training)
+        return add_drop_path(x, self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
 class PatchEmbed(nn.Module):
@@ -402,19 +403,26 @@ class IBOTLoss(nn.Module):
                 teacher_patch_temp) -> dict[str, torch.Tensor]:
         """student_cls ((g+l)B, K), student_patch (gB, N, K_p), teacher_cls (gB, K), teacher_patch (gB, N, K_p),
         masks (gB, N) bool -> {"cls", "patch", "loss"}."""
+        if masks.dtype != torch.bool:
+            raise ValueError(f"expected bool masks (gB, N), got {masks.dtype}")
         if student_patch.shape[:2] != masks.shape:
             raise ValueError(f"student_patch {tuple(student_patch.shape)} and masks {tuple(masks.shape)} "
                              f"disagree on (gB, N)")
-        return self.forward_masked(student_cls, student_patch[masks], teacher_cls, teacher_patch, masks,
-                                   teacher_temp, teacher_patch_temp)
+        if teacher_patch.shape[:2] != masks.shape:
+            raise ValueError(f"expected teacher_patch (gB, N, K_p) and masks (gB, N) to agree on (gB, N), got "
+                             f"{tuple(teacher_patch.shape)} and {tuple(masks.shape)}")
+        return self.forward_masked(student_cls, student_patch[masks], teacher_cls, teacher_patch[masks],
+                                   teacher_patch.mean(1), masks, teacher_temp, teacher_patch_temp)
 
-    def forward_masked(self, student_cls, student_patch_masked, teacher_cls, teacher_patch, masks,
-                       teacher_temp, teacher_patch_temp) -> dict[str, torch.Tensor]:
-        """As forward, with the student's patch logits at masked positions only: (M, K_p), M = masks.sum(),
-        in row-major order of masks. The loss never reads the others, so they need not be computed."""
+    def forward_masked(self, student_cls, student_patch_masked, teacher_cls, teacher_patch_masked,
+                       teacher_patch_mean, masks, teacher_temp, teacher_patch_temp) -> dict[str, torch.Tensor]:
+        """As forward, with the patch logits at masked positions only, student_patch_masked and
+        teacher_patch_masked (M, K_p), M = masks.sum(), in row-major order of masks, and each image's mean
+        teacher patch logits over all its N patches, teacher_patch_mean (gB, K_p), for the centre c'. The loss
+        reads nothing else, so the rest need not be computed."""
         g, V = self.g, self.n_crops
-        self._check(student_cls, student_patch_masked, teacher_cls, teacher_patch, masks)
-        teacher_cls, teacher_patch = teacher_cls.detach(), teacher_patch.detach()  # targets: no gradient
+        self._check(student_cls, student_patch_masked, teacher_cls, teacher_patch_masked, teacher_patch_mean, masks)
+        teacher_cls, teacher_patch_masked = teacher_cls.detach(), teacher_patch_masked.detach()  # targets: no gradient
         B = teacher_cls.shape[0] // g
         s_cls = F.log_softmax(student_cls.float() / self.student_temp, dim=-1).view(V, B, -1)  # log softmax(s_v/tau_s)
         P = self.teacher_targets(teacher_cls.float(), self.center, teacher_temp).view(g, B, -1)  # P_u
@@ -425,13 +433,13 @@ class IBOTLoss(nn.Module):
 
         s_patch = F.log_softmax(student_patch_masked.float() / self.student_temp, dim=-1)  # (M, K_p)
         # Q_un; no masked patch in the batch (M = 0): no targets, and L_mim is 0 with either centring
-        Q = self.teacher_targets(teacher_patch[masks].float(), self.patch_center[0], teacher_patch_temp)
+        Q = self.teacher_targets(teacher_patch_masked.float(), self.patch_center[0], teacher_patch_temp)
         ce = -(Q * s_patch).sum(-1)  # (M,) cross-entropy at each masked patch
         per_patch = torch.zeros(masks.shape, device=ce.device, dtype=ce.dtype).masked_scatter(masks, ce)
         per_image = per_patch.sum(1) / masks.sum(1).clamp(min=1)  # (gB,) an image without masks adds 0
         loss_patch = per_image.mean() * self.lambda2  # = 1/g sum_u mean_batch
 
-        self.update_center(teacher_cls, teacher_patch)
+        self.update_center(teacher_cls, teacher_patch_mean.detach())
         return {"cls": loss_cls, "patch": loss_patch, "loss": loss_cls + loss_patch}
 
     def teacher_targets(self, logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
@@ -441,24 +449,30 @@ class IBOTLoss(nn.Module):
             return F.softmax((logits - center) / temp, dim=-1)
         return sinkhorn_knopp(logits / temp)
 
-    def _check(self, student_cls, student_patch_masked, teacher_cls, teacher_patch, masks):
+    def _check(self, student_cls, student_patch_masked, teacher_cls, teacher_patch_masked, teacher_patch_mean,
+               masks):
         g, V = self.g, self.n_crops
         gB = teacher_cls.shape[0]
         if gB % g or student_cls.shape[0] != gB // g * V:
             raise ValueError(f"crop counts do not match: expected student_cls with (g+l)*B = {V}*B rows and "
                              f"teacher_cls with g*B = {g}*B rows, got {student_cls.shape[0]} and {gB}")
-        if teacher_patch.shape[0] != gB or masks.shape != teacher_patch.shape[:2] or masks.dtype != torch.bool:
-            raise ValueError(f"expected teacher_patch (gB, N, K_p) and bool masks (gB, N) with gB = {gB}, got "
-                             f"{tuple(teacher_patch.shape)} and {masks.dtype} {tuple(masks.shape)}")
-        if student_patch_masked.ndim != 2 or student_patch_masked.shape[-1] != teacher_patch.shape[-1]:
-            raise ValueError(f"expected masked student patch logits (M, {teacher_patch.shape[-1]}), "
-                             f"got {tuple(student_patch_masked.shape)}")
+        if masks.ndim != 2 or masks.shape[0] != gB or masks.dtype != torch.bool:
+            raise ValueError(f"expected bool masks (gB, N) with gB = {gB}, got {masks.dtype} {tuple(masks.shape)}")
+        if teacher_patch_mean.ndim != 2 or teacher_patch_mean.shape[0] != gB:
+            raise ValueError(f"expected the teacher's mean patch logits (gB, K_p) with gB = {gB}, "
+                             f"got {tuple(teacher_patch_mean.shape)}")
+        M, K_p = int(masks.sum()), teacher_patch_mean.shape[1]
+        for name, t in (("student", student_patch_masked), ("teacher", teacher_patch_masked)):
+            if t.shape != (M, K_p):
+                raise ValueError(f"expected the {name}'s patch logits at the masks' {M} masked positions, "
+                                 f"({M}, {K_p}), got {tuple(t.shape)}")
 
     @torch.no_grad()
-    def update_center(self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor) -> None:
-        """c <- m c + (1-m) mean_rows t_u ;  c' <- m' c' + (1-m') mean_rows mean_n t_un  (all ranks, all patches)."""
+    def update_center(self, teacher_cls: torch.Tensor, teacher_patch_mean: torch.Tensor) -> None:
+        """c <- m c + (1-m) mean_rows t_u ;  c' <- m' c' + (1-m') mean_rows mean_n t_un  (all ranks, all patches).
+        teacher_cls (gB, K); teacher_patch_mean (gB, K_p), each image's mean_n t_un."""
         cls_sum = teacher_cls.float().sum(0, keepdim=True)  # (1, K)
-        patch_sum = teacher_patch.float().mean(1).sum(0, keepdim=True)  # (1, K_p)
+        patch_sum = teacher_patch_mean.float().sum(0, keepdim=True)  # (1, K_p)
         rows = teacher_cls.shape[0]
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(cls_sum)
@@ -737,12 +751,18 @@ class IBOT(nn.Module):
         self.student (default: self.student itself)."""
         if masks.ndim == 3:  # (gB, h, w) -> (gB, N), row-major
             masks = masks.flatten(1)
-        with torch.no_grad():  # the online tokenizer: all tokens, since c' averages over every patch
-            teacher_cls, teacher_patch = self.teacher.head(self.teacher.backbone(global_crops))
+        with torch.no_grad():  # the online tokenizer
+            head = self.teacher.head
+            z = head.project(self.teacher.backbone(global_crops))  # (gB, 1+N, bottleneck)
+            teacher_cls = head.cls_logits(z[:, 0])  # (gB, K)
+            teacher_patch = head.patch_logits(z[:, 1:][masks])  # (M, K_p): targets only where the loss reads them
+            # c' averages the logits of every patch. The last layer is linear, so an image's mean patch logits are
+            # that layer applied to its mean z (equal up to rounding): no (gB, N, K_p) tensor.
+            teacher_patch_mean = head.patch_logits(z[:, 1:].float().mean(1))  # (gB, K_p)
         student = self.student if student is None else student
         student_cls, student_patch, global_cls_tokens = student(global_crops, local_crops, masks)
-        out = self.loss.forward_masked(student_cls, student_patch, teacher_cls, teacher_patch, masks,
-                                       teacher_temp, teacher_patch_temp)
+        out = self.loss.forward_masked(student_cls, student_patch, teacher_cls, teacher_patch, teacher_patch_mean,
+                                       masks, teacher_temp, teacher_patch_temp)
         if self.cfg.koleo:  # optional: each global crop's batch of backbone [CLS] features spread apart
             g = self.cfg.global_crops
             out["koleo"] = sum(koleo_loss(c) for c in global_cls_tokens.chunk(g)) / g

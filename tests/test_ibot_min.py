@@ -884,9 +884,18 @@ def test_loss_input_errors():
     with pytest.raises(ValueError, match="masks"):
         loss(s_cls, s_patch, t_cls, t_patch, masks[:, :-1], 0.05, 0.07)
     with pytest.raises(ValueError, match="masks"):
-        loss.forward_masked(s_cls, s_patch[masks], t_cls, t_patch[:, :-1], masks, 0.05, 0.07)
+        loss(s_cls, s_patch, t_cls, t_patch[:, :-1], masks, 0.05, 0.07)
     with pytest.raises(ValueError, match="bool"):
-        loss.forward_masked(s_cls, s_patch[masks], t_cls, t_patch, masks.long(), 0.05, 0.07)
+        loss(s_cls, s_patch, t_cls, t_patch, masks.long(), 0.05, 0.07)
+    t_mean = t_patch.mean(1)
+    with pytest.raises(ValueError, match="bool"):
+        loss.forward_masked(s_cls, s_patch[masks], t_cls, t_patch[masks], t_mean, masks.long(), 0.05, 0.07)
+    with pytest.raises(ValueError, match="teacher's patch logits at the masks"):
+        loss.forward_masked(s_cls, s_patch[masks], t_cls, t_patch[masks][1:], t_mean, masks, 0.05, 0.07)
+    with pytest.raises(ValueError, match="student's patch logits at the masks"):
+        loss.forward_masked(s_cls, s_patch[masks][:, 1:], t_cls, t_patch[masks], t_mean, masks, 0.05, 0.07)
+    with pytest.raises(ValueError, match="mean patch logits"):
+        loss.forward_masked(s_cls, s_patch[masks], t_cls, t_patch[masks], t_mean[1:], masks, 0.05, 0.07)
     with pytest.raises(ValueError, match="crops"):
         M.IBOTLoss(K, K, 1, 0)
 
