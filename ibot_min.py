@@ -84,13 +84,18 @@ class IBOTConfig:
 # ---- vision transformer (timm / DINO parameter names, so public checkpoints load as they are) ----
 
 
-def add_drop_path(x: torch.Tensor, branch: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def add_drop_path(x: torch.Tensor, branch: torch.Tensor, p: float, training: bool,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
     """x + branch, with stochastic depth: the residual branch of a random subset of samples dropped, the kept
-    ones scaled by 1 / (1 - p). One fused pass (addcmul) over the activations instead of three."""
+    ones scaled by 1 / (1 - p). One fused pass (addcmul) over the activations instead of three.
+    x, branch: (B, T, D), or (R, D) holding only the rows of a (B, T) bool `rows`: each row keeps with its image."""
     if p == 0.0 or not training:
         return x + branch
-    keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype).bernoulli_(1 - p)
-    return torch.addcmul(x, branch, keep.div_(1 - p))  # x + branch * keep / (1 - p)
+    B = x.shape[0] if rows is None else rows.shape[0]
+    keep = torch.empty(B, 1, 1, device=x.device, dtype=x.dtype).bernoulli_(1 - p).div_(1 - p)  # 0 or 1/(1-p)
+    if rows is not None:
+        keep = keep.expand(-1, rows.shape[1], -1)[rows]  # (R, 1)
+    return torch.addcmul(x, branch, keep)  # x + branch * keep
 
 
 class Attention(nn.Module):
@@ -144,9 +149,13 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D). rows: an optional (B, T) bool of the tokens wanted -> (R, D), R = rows.sum(),
+        row-major. Past attention a token depends on no other, so the MLP runs on those alone."""
         x = add_drop_path(x, self.attn(self.norm1(x)), self.drop_path, self.training)
-        return add_drop_path(x, self.mlp(self.norm2(x)), self.drop_path, self.training)
+        if rows is not None:
+            x = x[rows]  # (R, D)
+        return add_drop_path(x, self.mlp(self.norm2(x)), self.drop_path, self.training, rows)
 
 
 class PatchEmbed(nn.Module):
@@ -210,11 +219,14 @@ class VisionTransformer(nn.Module):
         p = self.patch_size
         return x + self.interpolate_pos_embed(H // p, W // p).to(x.dtype)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) images, optional (B, N) bool mask -> (B, 1+N, D) tokens after the final norm."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """(B, C, H, W) images, optional (B, N) bool mask -> (B, 1+N, D) tokens after the final norm.
+        rows: an optional (B, 1+N) bool of the tokens the caller reads -> (R, D) of those alone, row-major; the last
+        block's MLP then skips the others (the same values: see Block)."""
         x = self.prepare_tokens(x, mask)
-        for blk in self.blocks:
-            x = blk(x)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, rows if i == len(self.blocks) - 1 else None)
         return self.norm(x)
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:  # -> (B, heads, 1+N, 1+N)
@@ -704,16 +716,23 @@ class MultiCropStudent(nn.Module):
         """global_crops (gB, C, H, W), local_crops (lB, C, h, w) or None, masks (gB, N) bool ->
         [CLS] logits ((g+l)B, K), masked patch logits (M, K_p) in row-major order of masks, and the global
         crops' backbone [CLS] tokens (gB, D)."""
-        tokens = self.backbone(global_crops, mask=masks)  # (gB, 1+N, D)
-        cls_tokens = [tokens[:, 0]]
-        if local_crops is not None and local_crops.numel():
-            cls_tokens.append(self.backbone(local_crops)[:, 0])  # local crops: only [CLS] is read
+        # The last block's MLP and the head run only where the loss reads them: every [CLS] and the masked student
+        # patches (named deviation: the official code computes every token; the values are the same).
+        cls_column = torch.zeros_like(masks[:, :1])  # (gB, 1)
+        read = torch.cat([~cls_column, masks], dim=1)  # (gB, 1+N)
+        tokens = self.backbone(global_crops, mask=masks, rows=read)  # (gB + M, D): each image's [CLS], masked patches
+        is_cls = torch.cat([~cls_column, torch.zeros_like(masks)], dim=1)[read]  # (gB + M,)
+        global_cls, masked_tokens = tokens[is_cls], tokens[~is_cls]  # (gB, D), (M, D) in row-major order of masks
+        cls_tokens = [global_cls]
+        if local_crops is not None and local_crops.numel():  # local crops: only [CLS] is read
+            p = self.backbone.patch_size
+            n_local = (local_crops.shape[-2] // p) * (local_crops.shape[-1] // p)
+            only_cls = torch.zeros(len(local_crops), 1 + n_local, dtype=torch.bool, device=local_crops.device)
+            only_cls[:, 0] = True
+            cls_tokens.append(self.backbone(local_crops, rows=only_cls))  # (lB, D)
         cls_tokens = torch.cat(cls_tokens)  # ((g+l)B, D)
-        # The head runs only where the loss reads it: every [CLS] and the masked student patches (named
-        # deviation: the official code projects every token). One pass through the MLP for both.
-        masked_tokens = tokens[:, 1:][masks]  # (M, D)
-        z = self.head.project(torch.cat([cls_tokens, masked_tokens]))
-        return self.head.cls_logits(z[:len(cls_tokens)]), self.head.patch_logits(z[len(cls_tokens):]), tokens[:, 0]
+        z = self.head.project(torch.cat([cls_tokens, masked_tokens]))  # one pass through the MLP for both
+        return self.head.cls_logits(z[:len(cls_tokens)]), self.head.patch_logits(z[len(cls_tokens):]), global_cls
 
 
 class IBOT(nn.Module):

@@ -648,6 +648,28 @@ def test_vit_input_errors(student_vit):
         M.vit_nano(patch_size=4, img_size=16)(x, torch.zeros(2, 16, dtype=torch.bool))
 
 
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), training=st.booleans())
+def test_vit_rows_are_the_same_tokens_as_the_full_output(seed, training):
+    """rows= skips the last block's MLP for the tokens nobody reads: the rows it returns are the full output's
+    rows, drop path (the same draws, per image) and gradients included."""
+    gen = torch.Generator().manual_seed(seed)
+    vit = M.vit_nano(patch_size=4, img_size=16, masked_embed=True, drop_path_rate=0.5).train(training)
+    x = torch.randn(6, 3, 16, 16, generator=gen)
+    mask = torch.rand(6, 16, generator=gen) < 0.3
+    rows = torch.rand(6, 17, generator=gen) < 0.4
+    rows[0] = False  # an image with no row read
+    torch.manual_seed(seed)
+    full = vit(x, mask=mask)[rows]
+    (g_full,) = torch.autograd.grad(full.square().sum(), vit.blocks[0].mlp.fc1.weight)
+    torch.manual_seed(seed)
+    part = vit(x, mask=mask, rows=rows)
+    (g_part,) = torch.autograd.grad(part.square().sum(), vit.blocks[0].mlp.fc1.weight)
+    assert part.shape == (int(rows.sum()), vit.embed_dim)
+    torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_part, g_full, atol=1e-5, rtol=1e-5)
+
+
 def test_parameter_names_and_drop_path_rates():
     vit = M.vit_nano(patch_size=4, img_size=16, masked_embed=True, drop_path_rate=0.3)
     names = set(dict(vit.named_parameters()))
