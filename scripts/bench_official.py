@@ -9,7 +9,9 @@ masked). The official step is its train_one_epoch body (main_ibot.py): teacher o
 student on them, student on the local crops, iBOTLoss, backward, clip_gradients, cancel_gradients_last_layer,
 AdamW, EMA, built from its own modules (models.vit_tiny, models.head.iBOTHead, utils.MultiCropWrapper). Its
 autocast is CUDA-only, so on a CPU it runs in fp32; `official-bf16` wraps the same step in a CPU bf16 autocast
-for comparison. Ours is bench.benchmark with train.py's flags. The rounds alternate the two so that both see the
+for comparison. Ours is bench.benchmark with train.py's flags and `--device-augment`: like the official step on
+its ready tensors, ours is timed on views drawn before the clock starts (loader processes preparing the next batch
+would share the 2 cores with the timed step). The rounds alternate the two so that both see the
 same machine; each figure is the median over rounds of a median over steps. One JSON line per measurement, then a
 summary line with the ratios.
 """
@@ -30,7 +32,8 @@ import train  # noqa: E402
 
 B, K, G, L, WARMUP = 64, 4096, 2, 6, 3
 OURS = ["--preset", "cifar10", "--dataset", "synthetic", "--arch", "vit_tiny", "--patch-size", "4", "--global-size",
-        "32", "--local-size", "16", "--local-crops", "6", "--batch-size", "64", "--out-dim", "4096", "--device", "cpu"]
+        "32", "--local-size", "16", "--local-crops", "6", "--batch-size", "64", "--out-dim", "4096", "--device", "cpu",
+        "--device-augment"]  # views drawn between the timed steps, not by loader processes that share the 2 cores
 
 
 def official_step_times(repo: Path, steps: int, bf16: bool) -> list[float]:
