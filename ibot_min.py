@@ -92,10 +92,11 @@ def add_drop_path(x: torch.Tensor, branch: torch.Tensor, p: float, training: boo
     if p == 0.0 or not training:
         return x + branch
     B = x.shape[0] if rows is None else rows.shape[0]
-    keep = torch.empty(B, 1, 1, device=x.device, dtype=x.dtype).bernoulli_(1 - p).div_(1 - p)  # 0 or 1/(1-p)
+    keep = torch.empty(B, 1, 1, device=x.device, dtype=x.dtype).bernoulli_(1 - p)  # 0 or 1 per image
     if rows is not None:
         keep = keep.expand(-1, rows.shape[1], -1)[rows]  # (R, 1)
-    return torch.addcmul(x, branch, keep)  # x + branch * keep
+    # 1/(1-p) as a scalar, applied in the kernel's fp32 arithmetic, not rounded to a bf16 tensor first
+    return torch.addcmul(x, branch, keep, value=1 / (1 - p))  # x + branch * keep / (1 - p)
 
 
 class Attention(nn.Module):
@@ -770,6 +771,11 @@ class IBOT(nn.Module):
         self.student (default: self.student itself)."""
         if masks.ndim == 3:  # (gB, h, w) -> (gB, N), row-major
             masks = masks.flatten(1)
+        p = self.cfg.patch_size
+        shape = (global_crops.shape[0], (global_crops.shape[-2] // p) * (global_crops.shape[-1] // p))
+        if masks.dtype != torch.bool or masks.shape != shape:  # checked before the teacher indexes with it
+            raise ValueError(f"expected bool masks (gB, N) = {shape} (or (gB, h, w)) for global crops of shape "
+                             f"{tuple(global_crops.shape)}, got {masks.dtype} {tuple(masks.shape)}")
         with torch.no_grad():  # the online tokenizer
             head = self.teacher.head
             z = head.project(self.teacher.backbone(global_crops))  # (gB, 1+N, bottleneck)

@@ -398,7 +398,8 @@ def setup(args) -> Run:
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     autocast = nullcontext() if dtype is None else torch.autocast(args.device, dtype=dtype)
     scaler = torch.amp.GradScaler(args.device, enabled=args.precision == "fp16")
-    if args.compile:  # the backbones hold nearly all the work and have static shapes; compiled in place
+    if args.compile:  # the backbones hold nearly all the work; compiled in place (the student's last block
+        # selects the rows the loss reads, whose count follows the masks: a data-dependent shape there)
         model.student.backbone.compile()
         model.teacher.backbone.compile()
     student = model.student

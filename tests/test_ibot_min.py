@@ -150,15 +150,15 @@ def test_loss_matches_reference(gl, B, N, K, Kp, tau_s, tau_t, tau_tp, lambda1, 
     torch.testing.assert_close(loss.patch_center.double(), ref_c2, atol=1e-5, rtol=1e-5)
 
 
-def _tiny_cfg(shared_head: bool, img_size: int = 16) -> M.IBOTConfig:
+def _tiny_cfg(shared_head: bool, img_size: int = 16, drop_path: float = 0.0) -> M.IBOTConfig:
     return M.IBOTConfig(arch="vit_nano", patch_size=4, global_size=img_size, out_dim=64,
                          patch_out_dim=64 if shared_head else 48, shared_head=shared_head, local_crops=2,
-                         drop_path=0.0, head_hidden_dim=256, head_bottleneck_dim=64)
+                         drop_path=drop_path, head_hidden_dim=256, head_bottleneck_dim=64)
 
 
-def _tiny_model(shared_head: bool, seed: int = 0) -> M.IBOT:
+def _tiny_model(shared_head: bool, seed: int = 0, drop_path: float = 0.0) -> M.IBOT:
     torch.manual_seed(seed)
-    model = M.IBOT(_tiny_cfg(shared_head))
+    model = M.IBOT(_tiny_cfg(shared_head, drop_path=drop_path))
     with torch.no_grad():  # a teacher that is no longer a copy of the student, and centres that are not zero
         for p in model.teacher.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -189,19 +189,22 @@ def _full_path(model: M.IBOT, loss: M.IBOTLoss, global_crops, local_crops, masks
     return loss(torch.cat([student_cls_g, student_cls_l]), student_patch, teacher_cls, teacher_patch, flat, tt, tpt)
 
 
-@pytest.mark.parametrize("shared_head", [True, False])
-def test_ibot_forward_matches_full_path_and_gradients(shared_head):
-    model = _tiny_model(shared_head)
+@pytest.mark.parametrize("shared_head, drop_path", [(True, 0.0), (False, 0.0), (True, 0.5)])
+def test_ibot_forward_matches_full_path_and_gradients(shared_head, drop_path):
+    """Drop path on: both paths draw the same per-image keeps (same seed, same order of blocks)."""
+    model = _tiny_model(shared_head, drop_path=drop_path)
     global_crops, local_crops, masks = _batch(1)
     tt, tpt = 0.05, 0.06
     loss_copy = copy.deepcopy(model.loss)
 
     model.zero_grad()
+    torch.manual_seed(11)
     fast = model(global_crops, local_crops, masks, tt, tpt)
     fast["loss"].backward()
     fast_grads = {n: p.grad.clone() for n, p in model.student.named_parameters() if p.grad is not None}
 
     model.zero_grad()
+    torch.manual_seed(11)
     full = _full_path(model, loss_copy, global_crops, local_crops, masks, tt, tpt)
     full["loss"].backward()
     full_grads = {n: p.grad.clone() for n, p in model.student.named_parameters() if p.grad is not None}
@@ -468,6 +471,32 @@ def test_koleo_prefers_spread_features_and_its_gradient_spreads_them():
     assert nearest(stepped).mean() > nearest(clustered).mean()  # a step down the loss moves neighbours apart
     with pytest.raises(ValueError, match="n >= 2"):
         M.koleo_loss(torch.randn(1, 4))
+
+
+def test_drop_path_in_bf16_scales_without_bias():
+    """x + branch * keep / (1 - p) in bf16: the kept branches are scaled by 1/(1-p) itself, not by its bf16
+    rounding (1.109375 for p = 0.1, a 0.16% bias on every kept branch)."""
+    p, B = 0.1, 4096
+    x = torch.randn(B, 8, 16).bfloat16()
+    branch = torch.rand(B, 8, 16).bfloat16() + 0.5  # positive: a biased scale would not average out
+    torch.manual_seed(0)
+    out = M.add_drop_path(x, branch, p, training=True)
+    torch.manual_seed(0)
+    keep = torch.empty(B, 1, 1, dtype=torch.bfloat16).bernoulli_(1 - p).double()  # the same draws
+    exact = x.double() + branch.double() * keep / (1 - p)
+    assert 0.8 < keep.mean() < 0.95 and keep.min() == 0
+    error = out.double() - exact
+    assert error.abs().max() <= 2 ** -6 * exact.abs().max()  # within bf16 rounding of the result
+    assert abs(error[keep.expand_as(error) == 1].mean()) < 1e-4  # no systematic error (the rounded scale: ~2e-3)
+
+
+def test_ibot_rejects_bad_masks_before_indexing_with_them():
+    model = _tiny_model(shared_head=True)
+    global_crops, local_crops, masks = _batch(2)
+    for bad, why in ((masks.float(), "float"), (masks.long(), "long"), (masks.flatten(1)[:, :-1], "too few patches"),
+                     (masks[:-1], "too few images")):
+        with pytest.raises(ValueError, match=r"expected bool masks \(gB, N\)"):
+            model(global_crops, local_crops, bad, 0.04, 0.04)
 
 
 def test_ibot_koleo_term_is_an_added_weighted_term():
