@@ -425,3 +425,19 @@ def test_compare_draws_one_line_per_run_one_colour_per_recipe(tmp_path):
     assert plot_run.main(["--compare", str(out), *(str(tmp_path / n) for n in runs)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert plot_run.main(["--compare", str(out)]) == 2
+
+
+def test_ab_step_times_two_trees_in_turn():
+    """scripts/ab_step.py: the same tree twice gives two timings and their ratio, from the flags after --."""
+    flags = TINY + ["--dataset", "synthetic", "--batch-size", "8"]
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "ab_step.py"), str(ROOT), str(ROOT), "--rounds", "2",
+                          "--", *flags], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    a, b, summary = rows[-3:]
+    assert a["tree"] == b["tree"] == str(ROOT)
+    assert 0 < a["min_step_s"] <= a["step_s"] and 0 < b["min_step_s"] <= b["step_s"]
+    assert summary["rounds"] == 2 and summary["b_over_a"] == pytest.approx(a["step_s"] / b["step_s"], rel=1e-2)
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "ab_step.py"), str(ROOT), str(ROOT / "tests")],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and "no train.py" in bad.stderr
