@@ -1,11 +1,12 @@
 """Time the training step of train.py: images/s, FLOPs, the hardware's roofline, and where the time goes.
 
 Builds the run exactly as train.py does (train.setup) and times train.train_step on its batches, so the
-training loop carries no benchmarking. Prints one JSON line. `python train.py ... --benchmark N` hands over
-to this file with the same flags and prints the same line.
+training loop carries no benchmarking. The clock runs only around the step; on a CPU, `--device-augment` keeps
+loader processes (which build the next batches while a step runs) off the cores being timed. Prints one JSON
+line. `python train.py ... --benchmark N` hands over to this file with the same flags and prints the same line.
 
     python bench.py --preset cifar10 --dataset synthetic --arch vit_tiny --patch-size 4 --global-size 32 --local-size 16 \\
-        --local-crops 6 --batch-size 64 --out-dim 4096 --device cpu            # the README's CPU shape
+        --local-crops 6 --batch-size 64 --out-dim 4096 --device cpu --device-augment   # the README's CPU shape
     python bench.py [same flags] --profile     # + a torch.profiler table of one step, operators by self time
     python bench.py [same flags] --attention   # + SDPA against matmul + softmax at the step's shapes
     python bench.py [same flags] --matmuls     # + the step's matrix products timed alone: the step's floor
