@@ -180,6 +180,8 @@ class VisionTransformer(nn.Module):
         height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
         if height % patch_size or width % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
+        if depth < 1:
+            raise ValueError(f"a ViT needs at least one block, got depth {depth}")
         self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.grid = (height // patch_size, width // patch_size)  # the position embeddings' (h, w) patch grid
@@ -226,9 +228,9 @@ class VisionTransformer(nn.Module):
         rows: an optional (B, 1+N) bool of the tokens the caller reads -> (R, D) of those alone, row-major; the last
         block's MLP then skips the others (the same values: see Block)."""
         x = self.prepare_tokens(x, mask)
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, rows if i == len(self.blocks) - 1 else None)
-        return self.norm(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.norm(self.blocks[-1](x, rows))  # rows: a data-dependent shape, outside the loop for torch.compile
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:  # -> (B, heads, 1+N, 1+N)
         x = self.prepare_tokens(x)
