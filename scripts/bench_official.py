@@ -1,7 +1,7 @@
 """The official iBOT step against ours, side by side in one process, at the README's CPU benchmark shape.
 
     git clone https://github.com/bytedance/ibot /tmp/ibot && pip install timm
-    python scripts/bench_official.py /tmp/ibot [--rounds 3] [--steps 5]
+    python scripts/bench_official.py /tmp/ibot [--rounds 10]
 
 Shape: vit_tiny/4, 2 global crops of 32 px + 6 local crops of 16 px, batch 64, K = 4096 prototypes for [CLS]
 and patches, official defaults otherwise (head 2048/256, drop path 0.1, norm_last_layer off, 30% of patches
@@ -9,14 +9,16 @@ masked). The official step is its train_one_epoch body (main_ibot.py): teacher o
 student on them, student on the local crops, iBOTLoss, backward, clip_gradients, cancel_gradients_last_layer,
 AdamW, EMA, built from its own modules (models.vit_tiny, models.head.iBOTHead, utils.MultiCropWrapper). Its
 autocast is CUDA-only, so on a CPU it runs in fp32; `official-bf16` wraps the same step in a CPU bf16 autocast
-for comparison. Ours is bench.benchmark with train.py's flags and `--device-augment`: like the official step on
-its ready tensors, ours is timed on views drawn before the clock starts (loader processes preparing the next batch
-would share the 2 cores with the timed step). The rounds alternate the two so that both see the
-same machine; each figure is the median over rounds of a median over steps. One JSON line per measurement, then a
-summary line with the ratios.
+for comparison. Ours is train.py's step (train.setup, train.train_step, as bench.py times it) with `--device-augment`:
+like the official step on its ready tensors, ours runs on a batch drawn before the clock starts (loader processes
+preparing the next batch would share the 2 cores with the timed step). Each round times one step of every variant
+in turn, so that all four see the same machine even when its speed drifts within minutes; each figure is the
+median over rounds. One JSON line per round (img/s of each variant), then a summary line with the ratios and the
+smallest and largest round-by-round ratio of ours (bf16) to the official fp32 step.
 """
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -36,8 +38,8 @@ OURS = ["--preset", "cifar10", "--dataset", "synthetic", "--arch", "vit_tiny", "
         "--device-augment"]  # views drawn between the timed steps, not by loader processes that share the 2 cores
 
 
-def official_step_times(repo: Path, steps: int, bf16: bool) -> list[float]:
-    """Seconds per step of the official code's training step on random images (after WARMUP steps)."""
+def official_step(repo: Path, bf16: bool):
+    """The official code's training step on random images, as a function of no arguments (one step per call)."""
     sys.path.insert(0, str(repo))
     for unused in ("tensorboardX", "evaluation.unsupervised.unsup_cls"):  # imported by main_ibot, unused here
         sys.modules.setdefault(unused, types.SimpleNamespace(SummaryWriter=None, eval_pred=None))
@@ -63,9 +65,8 @@ def official_step_times(repo: Path, steps: int, bf16: bool) -> list[float]:
     pairs = [(q, teacher_params[n]) for n, q in student.named_parameters() if n in teacher_params]
     images = [torch.randn(B, 3, 32, 32) for _ in range(G)] + [torch.randn(B, 3, 16, 16) for _ in range(L)]
     masks = [torch.rand(B, 8, 8) < 0.3 for _ in range(G)]
-    times = []
-    for _ in range(WARMUP + steps):
-        t0 = time.perf_counter()
+
+    def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             teacher_output = teacher(images[:G])
             student_output = student(images[:G], mask=masks[:G])
@@ -83,36 +84,51 @@ def official_step_times(repo: Path, steps: int, bf16: bool) -> list[float]:
         with torch.no_grad():
             for q, k in pairs:
                 k.data.mul_(0.996).add_((1 - 0.996) * q.detach().data)
-        times.append(time.perf_counter() - t0)
-    return times[WARMUP:]
+    return step
+
+
+def our_step(precision: str, n_batches: int = 4):
+    """Our training step (train.setup and train.train_step, as bench.py times it) on batches drawn beforehand, in
+    turn (the number of masked patches, and so the work, varies a little from batch to batch)."""
+    args = train.parse_args(OURS + ["--precision", precision])
+    torch.manual_seed(0)
+    run = train.setup(args)
+    schedules = train.Schedules(args, 1, run.steps_per_epoch, run.global_batch)
+    batches = list(itertools.islice(run.epoch_batches(0, 0), n_batches))
+    calls = itertools.count()
+    return lambda: float(train.train_step(run, batches[next(calls) % n_batches], schedules.at(0), False)["loss"])
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("official", type=Path, help="a clone of github.com/bytedance/ibot")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement, after 3 warm-up steps")
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds, each one step of every variant, after "
+                   f"{WARMUP} warm-up rounds")
     args = p.parse_args()
     if not (args.official / "main_ibot.py").is_file():
         p.error(f"{args.official} has no main_ibot.py: expected a clone of github.com/bytedance/ibot")
-    runs = {"official-fp32": [], "official-bf16": [], "ours-bf16": [], "ours-fp32": []}
-    for r in range(args.rounds):
-        for name in runs:
-            if name.startswith("official"):
-                step_s = statistics.median(official_step_times(args.official, args.steps, name.endswith("bf16")))
-            else:
-                ours = train.parse_args(OURS + ["--benchmark", str(args.steps), "--precision", name.split("-")[1]])
-                step_s = bench.benchmark(ours)["step_s"]
-            runs[name].append(B / step_s)
-            print(json.dumps(dict(round=r, run=name, img_per_s=round(B / step_s, 2))), flush=True)
-    img_per_s = {name: statistics.median(v) for name, v in runs.items()}
+    steps = {"official-fp32": official_step(args.official, bf16=False),
+             "official-bf16": official_step(args.official, bf16=True),
+             "ours-bf16": our_step("bf16"), "ours-fp32": our_step("fp32")}
+    seconds = {name: [] for name in steps}
+    for r in range(WARMUP + args.rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if r >= WARMUP:
+                seconds[name].append(time.perf_counter() - t0)
+        if r >= WARMUP:
+            print(json.dumps(dict(round=r - WARMUP, **{k: round(B / v[-1], 2) for k, v in seconds.items()})), flush=True)
+    img_per_s = {name: B / statistics.median(v) for name, v in seconds.items()}
+    per_round = [o / b for o, b in zip(seconds["official-fp32"], seconds["ours-bf16"])]  # the ratio round by round
     print(json.dumps(dict(img_per_s={k: round(v, 2) for k, v in img_per_s.items()},
                           ours_bf16_over_official_fp32=round(img_per_s["ours-bf16"] / img_per_s["official-fp32"], 2),
                           ours_bf16_over_official_bf16=round(img_per_s["ours-bf16"] / img_per_s["official-bf16"], 2),
                           ours_fp32_over_official_fp32=round(img_per_s["ours-fp32"] / img_per_s["official-fp32"], 2),
+                          ours_bf16_over_official_fp32_by_round=dict(min=round(min(per_round), 2), max=round(max(per_round), 2)),
                           amx=bench.cpu_has_bf16_matrix_units(), threads=torch.get_num_threads(),
-                          torch=torch.__version__, rounds=args.rounds, steps=args.steps)))
+                          torch=torch.__version__, rounds=args.rounds)))
     return 0
 
 
