@@ -119,14 +119,16 @@ def main() -> int:
             if r >= WARMUP:
                 seconds[name].append(time.perf_counter() - t0)
         if r >= WARMUP:
-            print(json.dumps(dict(round=r - WARMUP, **{k: round(B / v[-1], 2) for k, v in seconds.items()})), flush=True)
+            img_per_s = {k: round(B / v[-1], 2) for k, v in seconds.items()}
+            print(json.dumps(dict(round=r - WARMUP, **img_per_s)), flush=True)
     img_per_s = {name: B / statistics.median(v) for name, v in seconds.items()}
     per_round = [o / b for o, b in zip(seconds["official-fp32"], seconds["ours-bf16"])]  # the ratio round by round
     print(json.dumps(dict(img_per_s={k: round(v, 2) for k, v in img_per_s.items()},
                           ours_bf16_over_official_fp32=round(img_per_s["ours-bf16"] / img_per_s["official-fp32"], 2),
                           ours_bf16_over_official_bf16=round(img_per_s["ours-bf16"] / img_per_s["official-bf16"], 2),
                           ours_fp32_over_official_fp32=round(img_per_s["ours-fp32"] / img_per_s["official-fp32"], 2),
-                          ours_bf16_over_official_fp32_by_round=dict(min=round(min(per_round), 2), max=round(max(per_round), 2)),
+                          ours_bf16_over_official_fp32_by_round=dict(min=round(min(per_round), 2),
+                                                                     max=round(max(per_round), 2)),
                           amx=bench.cpu_has_bf16_matrix_units(), threads=torch.get_num_threads(),
                           torch=torch.__version__, rounds=args.rounds)))
     return 0
