@@ -37,6 +37,7 @@ import torch.nn as nn
 import torchvision.transforms as T
 
 import data as D
+import checkpoints as C
 import ibot_min as M
 from runtime import pick_device, print0, setup_distributed
 
@@ -193,7 +194,7 @@ def load(args) -> tuple[M.VisionTransformer, dict]:
         config = vars(ckpt["args"])
     config = config if isinstance(config, dict) else {}
     try:
-        backbone = M.load_backbone(ckpt, args.which, args.num_heads)
+        backbone = C.load_backbone(ckpt, args.which, args.num_heads)
     except RuntimeError as e:  # tensors that disagree on a shape
         raise ValueError(f"checkpoint {path} does not hold one consistent ViT: {e}") from e
     for key, found in [("patch_size", backbone.patch_size), ("embed_dim", backbone.embed_dim),
@@ -244,7 +245,7 @@ def evaluate(args) -> dict:
     backbone, config = load(args)
     backbone = backbone.to(device).eval().requires_grad_(False)  # frozen, and no drop path
     if args.image_size is None:  # the checkpoint's size (a non-square one: square crops of its longer side)
-        stated, small = M.stated_image_size(config), args.dataset in ("cifar10", "cifar100", "synthetic")
+        stated, small = C.stated_image_size(config), args.dataset in ("cifar10", "cifar100", "synthetic")
         args.image_size = max(stated) if stated else (32 if small else 224)
     if args.image_size % backbone.patch_size:
         raise ValueError(f"image size {args.image_size} is not divisible by the backbone's patch size "

@@ -784,7 +784,7 @@ print(f"{hits} of {nearest.numel()} neighbours share the query's class")
 #   multi-GPU commands. Its CPU recipe holds $\tau_t$ at 0.04, raises the learning rate and adds DINOv2's
 #   KoLeo regulariser (`--koleo 0.1`), which pushes each image's [CLS] feature away from its nearest neighbour in
 #   the batch; README "Results" has the ablations and the curves of a five-minute and a one-hour run.
-# * `ibot_min.load_backbone(path)` reads this project's checkpoints as well as the official iBOT and DINO
+# * `checkpoints.load_backbone(path)` reads this project's checkpoints as well as the official iBOT and DINO
 #   ones, so the attention maps of section 7 can be redrawn for a fully trained ViT-S/16.
 # * [`SPEC.md`](../../shared/SPEC.md) states every formula and recipe value used above, with the paper's
 #   published results.

@@ -1,6 +1,6 @@
 """Cut a train.py checkpoint down to what a reader needs: the teacher (backbone and head), the loss centres
 and the config, without the student, the optimiser state or the RNG. The result loads as it is with
-`ibot_min.load_backbone(path)` and `eval_linear.py --checkpoint path`.
+`checkpoints.load_backbone(path)` and `eval_linear.py --checkpoint path`.
 
     python scripts/ship_model.py runs/teaching/checkpoint.pth models/ibot_vit_nano_cifar10.pth
 """

@@ -21,6 +21,7 @@ from test_train import TINY, make_folder
 
 import data as D
 import eval_linear as el
+import checkpoints as C
 import ibot_min as M
 import train
 
@@ -294,14 +295,14 @@ def test_non_square_position_grid_is_read_from_the_checkpoint(tmp_path, capsys):
     x = torch.randn(1, 3, 64, 96)
     for ckpt in ({"state_dict": vit.state_dict(), "config": {"img_size": [64, 96]}},
                  {"model": vit.state_dict(), "args": argparse.Namespace(img_size=None, input_size=[3, 64, 96])}):
-        loaded = M.load_backbone(ckpt).eval()
+        loaded = C.load_backbone(ckpt).eval()
         assert loaded.grid == (8, 12)
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), vit(x))
     with pytest.raises(ValueError, match="96 patch positions, not a square grid, and it does not say its image size"):
-        M.load_backbone(vit.state_dict())
+        C.load_backbone(vit.state_dict())
     with pytest.raises(ValueError, match="says image size 96 x 96 .* 144 patches, but its pos_embed holds 96"):
-        M.load_backbone({"state_dict": vit.state_dict(), "config": {"img_size": 96}})
+        C.load_backbone({"state_dict": vit.state_dict(), "config": {"img_size": 96}})
 
     torch.save({"state_dict": vit.state_dict(), "config": {"img_size": [64, 96]}}, tmp_path / "wide.pth")
     folder = make_folder(tmp_path / "images", per_class=4)

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import checkpoints as C
 import ibot_min as M
 
 FAST = settings(max_examples=25, deadline=None)
@@ -841,10 +842,10 @@ def test_load_backbone_our_checkpoint(tmp_path):
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[:, :5] = True
 
-    teacher = M.load_backbone(path)
+    teacher = C.load_backbone(path)
     assert teacher.masked_embed is None
     _outputs_equal(teacher, model.teacher.backbone, x)
-    student = M.load_backbone(str(path), which="student")
+    student = C.load_backbone(str(path), which="student")
     assert student.masked_embed is not None
     _outputs_equal(student, model.student.backbone, x, mask)
     with torch.no_grad():
@@ -879,10 +880,10 @@ def test_load_backbone_official_layout(tmp_path):
     path = tmp_path / "checkpoint.pth"
     torch.save(ckpt, path)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    loaded = M.load_backbone(path)
+    loaded = C.load_backbone(path)
     assert loaded.num_heads == 6 and len(loaded.blocks) == 12 and loaded.masked_embed is None
     _outputs_equal(loaded, teacher, x, atol=1e-5)
-    loaded_s = M.load_backbone(path, which="student")
+    loaded_s = C.load_backbone(path, which="student")
     assert loaded_s.masked_embed is not None
     torch.testing.assert_close(loaded_s.masked_embed, student.masked_embed)
     _outputs_equal(loaded_s, student, x, atol=1e-5)
@@ -895,7 +896,7 @@ def test_load_backbone_only_exports(tmp_path):
     sd = vit.state_dict()
     torch.save({"state_dict": sd}, tmp_path / "wrapped.pth")
     for source in (sd, {"state_dict": sd}, tmp_path / "wrapped.pth"):
-        loaded = M.load_backbone(source)
+        loaded = C.load_backbone(source)
         assert loaded.masked_embed is not None  # student exports keep it
         _outputs_equal(loaded, vit, x)
 
@@ -904,7 +905,7 @@ def test_load_backbone_timm_state_dict():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     ref = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
-    ours = M.load_backbone(ref.state_dict()).eval()
+    ours = C.load_backbone(ref.state_dict()).eval()
     assert ours.num_heads == 6
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -913,11 +914,11 @@ def test_load_backbone_timm_state_dict():
 
 def test_load_backbone_errors(tmp_path):
     with pytest.raises(ValueError, match="weird_key"):
-        M.load_backbone({"weird_key": torch.zeros(3), "other": torch.ones(2)})
+        C.load_backbone({"weird_key": torch.zeros(3), "other": torch.ones(2)})
     with pytest.raises(FileNotFoundError):
-        M.load_backbone(tmp_path / "missing.pth")
+        C.load_backbone(tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="which"):
-        M.load_backbone({}, which="both")
+        C.load_backbone({}, which="both")
 
 
 # ---------------------------------------------------------------------------------------------------

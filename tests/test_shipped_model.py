@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data as D
+import checkpoints as C
 import ibot_min as M
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ def first_per_class(images, n: int) -> list[int]:
 def shipped_knn(cifar_train: Path) -> float:
     """kNN top-1 (k=20, T=0.07, teacher [CLS], fp32): bank = the first 1,000 training images of each class,
     queries = the first 100 validation images of each class (the last 500 of each class are validation)."""
-    backbone = M.load_backbone(MODEL).eval()
+    backbone = C.load_backbone(MODEL).eval()
     tf = D.eval_transform(32)
     bank = D.build_dataset("imagefolder", str(cifar_train), "train", holdout_per_class=500, limit_per_class=1000)
     val = D.build_dataset("imagefolder", str(cifar_train), "val", holdout_per_class=500)
@@ -44,7 +45,7 @@ def test_shipped_model_is_small_and_loads_as_users_load_it():
     assert MODEL.stat().st_size <= 8 * 2**20
     ckpt = torch.load(MODEL, map_location="cpu", weights_only=True)
     assert {"teacher", "config", "ibot_loss"} <= set(ckpt) and "student" not in ckpt
-    backbone = M.load_backbone(MODEL)
+    backbone = C.load_backbone(MODEL)
     assert (backbone.embed_dim, len(backbone.blocks), backbone.patch_size) == (128, 4, 4)
     tokens = backbone(torch.zeros(2, 3, 32, 32))
     assert tokens.shape == (2, 65, 128) and torch.isfinite(tokens).all()
