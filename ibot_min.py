@@ -82,19 +82,14 @@ class IBOTConfig:
 # ---- vision transformer (timm / DINO parameter names, so public checkpoints load as they are) ----
 
 
-def add_drop_path(x: torch.Tensor, branch: torch.Tensor, p: float, training: bool,
-                  rows: torch.Tensor | None = None) -> torch.Tensor:
-    """x + branch, with stochastic depth: the residual branch of a random subset of samples dropped, the kept
-    ones scaled by 1 / (1 - p). One fused pass (addcmul) over the activations instead of three.
-    x, branch: (B, T, D), or (R, D) holding only the rows of a (B, T) bool `rows`: each row keeps with its image."""
+def add_drop_path(x: torch.Tensor, branch: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """x + branch with stochastic depth: in training, the branch of each image is dropped with probability p and
+    the kept ones are scaled by 1 / (1 - p). x, branch: (B, T, D)."""
     if p == 0.0 or not training:
         return x + branch
-    B = x.shape[0] if rows is None else rows.shape[0]
-    keep = torch.empty(B, 1, 1, device=x.device, dtype=x.dtype).bernoulli_(1 - p)  # 0 or 1 per image
-    if rows is not None:
-        keep = keep.expand(-1, rows.shape[1], -1)[rows]  # (R, 1)
-    # 1/(1-p) as a scalar, applied in the kernel's fp32 arithmetic, not rounded to a bf16 tensor first
-    return torch.addcmul(x, branch, keep, value=1 / (1 - p))  # x + branch * keep / (1 - p)
+    keep = torch.empty(x.shape[0], 1, 1, device=x.device, dtype=x.dtype).bernoulli_(1 - p)  # 0 or 1 per image
+    # x + branch * keep / (1 - p); the scale as a scalar, so a bf16 tensor does not round it
+    return torch.addcmul(x, branch, keep, value=1 / (1 - p))
 
 
 class Attention(nn.Module):
@@ -148,13 +143,9 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D). rows: an optional (B, T) bool of the tokens wanted -> (R, D), R = rows.sum(),
-        row-major. Past attention a token depends on no other, so the MLP runs on those alone."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D), pre-norm residual blocks
         x = add_drop_path(x, self.attn(self.norm1(x)), self.drop_path, self.training)
-        if rows is not None:
-            x = x[rows]  # (R, D)
-        return add_drop_path(x, self.mlp(self.norm2(x)), self.drop_path, self.training, rows)
+        return add_drop_path(x, self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
 class PatchEmbed(nn.Module):
@@ -220,15 +211,12 @@ class VisionTransformer(nn.Module):
         p = self.patch_size
         return x + self.interpolate_pos_embed(H // p, W // p).to(x.dtype)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rows: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """(B, C, H, W) images, optional (B, N) bool mask -> (B, 1+N, D) tokens after the final norm.
-        rows: an optional (B, 1+N) bool of the tokens the caller reads -> (R, D) of those alone, row-major; the last
-        block's MLP then skips the others (the same values: see Block)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) images, optional (B, N) bool mask -> (B, 1+N, D) tokens after the final norm."""
         x = self.prepare_tokens(x, mask)
-        for blk in self.blocks[:-1]:
+        for blk in self.blocks:
             x = blk(x)
-        return self.norm(self.blocks[-1](x, rows))  # rows: a data-dependent shape, outside the loop for torch.compile
+        return self.norm(x)
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:  # -> (B, heads, 1+N, 1+N)
         x = self.prepare_tokens(x)
@@ -414,46 +402,50 @@ class IBOTLoss(nn.Module):
 
     def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, masks, teacher_temp,
                 teacher_patch_temp) -> dict[str, torch.Tensor]:
-        """student_cls ((g+l)B, K), student_patch (gB, N, K_p), teacher_cls (gB, K), teacher_patch (gB, N, K_p),
-        masks (gB, N) bool -> {"cls", "patch", "loss"}."""
-        if masks.dtype != torch.bool:
-            raise ValueError(f"expected bool masks (gB, N), got {masks.dtype}")
-        if student_patch.shape[:2] != masks.shape:
-            raise ValueError(f"student_patch {tuple(student_patch.shape)} and masks {tuple(masks.shape)} "
-                             f"disagree on (gB, N)")
-        if teacher_patch.shape[:2] != masks.shape:
-            raise ValueError(f"expected teacher_patch (gB, N, K_p) and masks (gB, N) to agree on (gB, N), got "
-                             f"{tuple(teacher_patch.shape)} and {tuple(masks.shape)}")
+        """The loss on every patch's logits, as the paper writes it -> {"cls", "patch", "loss"}.
+        student_cls ((g+l)B, K), student_patch (gB, N, K_p), teacher_cls (gB, K), teacher_patch (gB, N, K_p),
+        masks (gB, N) bool (True: masked for the student); tau_t = teacher_temp, tau_t' = teacher_patch_temp."""
+        g, V = self.g, self.n_crops
+        gB = teacher_cls.shape[0]
+        if gB % g or student_cls.shape[0] != gB // g * V:
+            raise ValueError(f"expected student_cls with (g+l)*B = {V}*B rows and teacher_cls with g*B = {g}*B rows, "
+                             f"got {student_cls.shape[0]} and {gB}")
+        if masks.dtype != torch.bool or masks.ndim != 2 or masks.shape[0] != gB:
+            raise ValueError(f"expected bool masks (gB, N) with gB = {gB}, got {masks.dtype} {tuple(masks.shape)}")
+        for name, t in (("student_patch", student_patch), ("teacher_patch", teacher_patch)):
+            if t.ndim != 3 or t.shape[:2] != masks.shape:
+                raise ValueError(f"expected {name} (gB, N, K_p) with (gB, N) = {tuple(masks.shape)} as the masks, "
+                                 f"got {tuple(t.shape)}")
         return self.forward_masked(student_cls, student_patch[masks], teacher_cls, teacher_patch[masks],
                                    teacher_patch.mean(1), masks, teacher_temp, teacher_patch_temp)
 
     def forward_masked(self, student_cls, student_patch_masked, teacher_cls, teacher_patch_masked,
                        teacher_patch_mean, masks, teacher_temp, teacher_patch_temp) -> dict[str, torch.Tensor]:
-        """As forward, with the patch logits at masked positions only, student_patch_masked and
-        teacher_patch_masked (M, K_p), M = masks.sum(), in row-major order of masks, and each image's mean
-        teacher patch logits over all its N patches, teacher_patch_mean (gB, K_p), for the centre c'. The loss
-        reads nothing else, so the rest need not be computed."""
+        """The same loss from what it reads: the patch logits at masked positions only, student_patch_masked and
+        teacher_patch_masked (M, K_p) in row-major order of masks (M = masks.sum()), and each image's mean teacher
+        patch logits over all N patches, teacher_patch_mean (gB, K_p), which the centre c' follows. The training
+        step calls this form; the shapes are those forward checks."""
         g, V = self.g, self.n_crops
-        self._check(student_cls, student_patch_masked, teacher_cls, teacher_patch_masked, teacher_patch_mean, masks)
         teacher_cls, teacher_patch_masked = teacher_cls.detach(), teacher_patch_masked.detach()  # targets: no gradient
-        B = teacher_cls.shape[0] // g
-        s_cls = F.log_softmax(student_cls.float() / self.student_temp, dim=-1).view(V, B, -1)  # log softmax(s_v/tau_s)
-        P = self.teacher_targets(teacher_cls.float(), self.center, teacher_temp).view(g, B, -1)  # P_u
-        # sum_u sum_{v != u} P_u . log s_v = (sum_u P_u) . (sum_v log s_v) - sum_u P_u . log s_u: one pass over
-        # the crops instead of g * V pairs (a faster but identical computation).
-        cross = (P.sum(0) * s_cls.sum(0)).sum(-1) - (P * s_cls[:g]).sum((0, -1))  # (B,)
-        loss_cls = -cross.mean() / (g * (V - 1)) * self.lambda1
 
-        s_patch = F.log_softmax(student_patch_masked.float() / self.student_temp, dim=-1)  # (M, K_p)
-        # Q_un; no masked patch in the batch (M = 0): no targets, and L_mim is 0 with either centring
-        Q = self.teacher_targets(teacher_patch_masked.float(), self.patch_center[0], teacher_patch_temp)
-        ce = -(Q * s_patch).sum(-1)  # (M,) cross-entropy at each masked patch
-        per_patch = torch.zeros(masks.shape, device=ce.device, dtype=ce.dtype).masked_scatter(masks, ce)
-        per_image = per_patch.sum(1) / masks.sum(1).clamp(min=1)  # (gB,) an image without masks adds 0
-        loss_patch = per_image.mean() * self.lambda2  # = 1/g sum_u mean_batch
+        # L_cls: the teacher's target on global view u against the student on every other view v, both [CLS]
+        log_s = F.log_softmax(student_cls.float() / self.student_temp, dim=-1).chunk(V)  # log softmax(s_v / tau_s)
+        P = self.teacher_targets(teacher_cls.float(), self.center, teacher_temp).chunk(g)  # P_u, each (B, K)
+        pairs = [(u, v) for u in range(g) for v in range(V) if v != u]  # g (V - 1) pairs
+        loss_cls = sum(-(P[u] * log_s[v]).sum(-1).mean() for u, v in pairs) / len(pairs)
+
+        # L_mim: on each masked patch n of global view u, the teacher's target Q_un for the unmasked view against
+        # the student's prediction; averaged over each image's masked patches, then over the images
+        log_s_patch = F.log_softmax(student_patch_masked.float() / self.student_temp, dim=-1)  # (M, K_p)
+        Q = self.teacher_targets(teacher_patch_masked.float(), self.patch_center[0], teacher_patch_temp)  # (M, K_p)
+        per_patch = torch.zeros(masks.shape, device=Q.device)  # (gB, N); no masked patch (M = 0): L_mim is 0
+        per_patch[masks] = -(Q * log_s_patch).sum(-1)  # cross-entropy H(Q_un, s_un) at each masked patch
+        per_image = per_patch.sum(1) / masks.sum(1).clamp(min=1)  # (gB,); an image without masks adds 0
+        loss_mim = per_image.mean()  # = 1/g sum_u (mean over the batch)
 
         self.update_center(teacher_cls, teacher_patch_mean.detach())
-        return {"cls": loss_cls, "patch": loss_patch, "loss": loss_cls + loss_patch}
+        loss_cls, loss_mim = self.lambda1 * loss_cls, self.lambda2 * loss_mim
+        return {"cls": loss_cls, "patch": loss_mim, "loss": loss_cls + loss_mim}
 
     def teacher_targets(self, logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
         """(rows, K) teacher logits -> (rows, K) targets: softmax((t - c) / tau_t), or with centering="sinkhorn"
@@ -461,24 +453,6 @@ class IBOTLoss(nn.Module):
         if self.centering == "center":
             return F.softmax((logits - center) / temp, dim=-1)
         return sinkhorn_knopp(logits / temp)
-
-    def _check(self, student_cls, student_patch_masked, teacher_cls, teacher_patch_masked, teacher_patch_mean,
-               masks):
-        g, V = self.g, self.n_crops
-        gB = teacher_cls.shape[0]
-        if gB % g or student_cls.shape[0] != gB // g * V:
-            raise ValueError(f"crop counts do not match: expected student_cls with (g+l)*B = {V}*B rows and "
-                             f"teacher_cls with g*B = {g}*B rows, got {student_cls.shape[0]} and {gB}")
-        if masks.ndim != 2 or masks.shape[0] != gB or masks.dtype != torch.bool:
-            raise ValueError(f"expected bool masks (gB, N) with gB = {gB}, got {masks.dtype} {tuple(masks.shape)}")
-        if teacher_patch_mean.ndim != 2 or teacher_patch_mean.shape[0] != gB:
-            raise ValueError(f"expected the teacher's mean patch logits (gB, K_p) with gB = {gB}, "
-                             f"got {tuple(teacher_patch_mean.shape)}")
-        M, K_p = int(masks.sum()), teacher_patch_mean.shape[1]
-        for name, t in (("student", student_patch_masked), ("teacher", teacher_patch_masked)):
-            if t.shape != (M, K_p):
-                raise ValueError(f"expected the {name}'s patch logits at the masks' {M} masked positions, "
-                                 f"({M}, {K_p}), got {tuple(t.shape)}")
 
     @torch.no_grad()
     def update_center(self, teacher_cls: torch.Tensor, teacher_patch_mean: torch.Tensor) -> None:
@@ -531,8 +505,7 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     rho_i = min_{j != i} ||x_i - x_j|| over the L2-normalised rows. It spreads the features over the sphere:
     the Kozachenko-Leonenko entropy estimate, up to constants. Needs n >= 2."""
     if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"KoLeo needs (n >= 2, D) features (in training: --koleo needs a --batch-size of >= 2 "
-                         f"images per process), got {tuple(x.shape)}")
+        raise ValueError(f"KoLeo needs (n >= 2, D) features, got {tuple(x.shape)}")
     x = F.normalize(x.float(), dim=-1)
     with torch.no_grad():  # the nearest neighbour of each row; the distance to it carries the gradient
         sim = x @ x.T
@@ -715,25 +688,18 @@ class MultiCropStudent(nn.Module):
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor):
         """global_crops (gB, C, H, W), local_crops (lB, C, h, w) or None, masks (gB, N) bool ->
-        [CLS] logits ((g+l)B, K), masked patch logits (M, K_p) in row-major order of masks, and the global
-        crops' backbone [CLS] tokens (gB, D)."""
-        # The last block's MLP and the head run only where the loss reads them: every [CLS] and the masked student
-        # patches (named deviation: the official code computes every token; the values are the same).
-        cls_column = torch.zeros_like(masks[:, :1])  # (gB, 1)
-        read = torch.cat([~cls_column, masks], dim=1)  # (gB, 1+N)
-        tokens = self.backbone(global_crops, mask=masks, rows=read)  # (gB + M, D): each image's [CLS], masked patches
-        is_cls = torch.cat([~cls_column, torch.zeros_like(masks)], dim=1)[read]  # (gB + M,)
-        global_cls, masked_tokens = tokens[is_cls], tokens[~is_cls]  # (gB, D), (M, D) in row-major order of masks
-        cls_tokens = [global_cls]
-        if local_crops is not None and local_crops.numel():  # local crops: only [CLS] is read
-            p = self.backbone.patch_size
-            n_local = (local_crops.shape[-2] // p) * (local_crops.shape[-1] // p)
-            only_cls = torch.zeros(len(local_crops), 1 + n_local, dtype=torch.bool, device=local_crops.device)
-            only_cls[:, 0] = True
-            cls_tokens.append(self.backbone(local_crops, rows=only_cls))  # (lB, D)
+        [CLS] logits ((g+l)B, K), masked patch logits (M, K_p) in row-major order of masks (M = masks.sum()),
+        and the global crops' backbone [CLS] tokens (gB, D)."""
+        tokens = self.backbone(global_crops, mask=masks)  # (gB, 1+N, D): masked patches enter as e_[MASK]
+        cls_tokens = [tokens[:, 0]]
+        if local_crops is not None and local_crops.numel():
+            cls_tokens.append(self.backbone(local_crops)[:, 0])  # (lB, D): the loss reads only [CLS] of local crops
         cls_tokens = torch.cat(cls_tokens)  # ((g+l)B, D)
-        z = self.head.project(torch.cat([cls_tokens, masked_tokens]))  # one pass through the MLP for both
-        return self.head.cls_logits(z[:len(cls_tokens)]), self.head.patch_logits(z[len(cls_tokens):]), global_cls
+        masked_tokens = tokens[:, 1:][masks]  # (M, D)
+        # The head runs only where the loss reads it: every [CLS] and the masked patches (named deviation: the
+        # official code projects every token; the loss is the same). One pass through its MLP for both.
+        z = self.head.project(torch.cat([cls_tokens, masked_tokens]))
+        return self.head.cls_logits(z[:len(cls_tokens)]), self.head.patch_logits(z[len(cls_tokens):]), tokens[:, 0]
 
 
 class IBOT(nn.Module):
@@ -776,18 +742,12 @@ class IBOT(nn.Module):
         if masks.dtype != torch.bool or masks.shape != shape:  # checked before the teacher indexes with it
             raise ValueError(f"expected bool masks (gB, N) = {shape} (or (gB, h, w)) for global crops of shape "
                              f"{tuple(global_crops.shape)}, got {masks.dtype} {tuple(masks.shape)}")
-        with torch.no_grad():  # the online tokenizer
-            head = self.teacher.head
-            z = head.project(self.teacher.backbone(global_crops))  # (gB, 1+N, bottleneck)
-            teacher_cls = head.cls_logits(z[:, 0])  # (gB, K)
-            teacher_patch = head.patch_logits(z[:, 1:][masks])  # (M, K_p): targets only where the loss reads them
-            # c' averages the logits of every patch. The last layer is linear, so an image's mean patch logits are
-            # that layer applied to its mean z (equal up to rounding): no (gB, N, K_p) tensor.
-            teacher_patch_mean = head.patch_logits(z[:, 1:].float().mean(1))  # (gB, K_p)
+        with torch.no_grad():  # the online tokenizer: the teacher sees the unmasked global crops
+            teacher_cls, teacher_patch = self.teacher.head(self.teacher.backbone(global_crops))  # (gB, K), (gB, N, K_p)
         student = self.student if student is None else student
         student_cls, student_patch, global_cls_tokens = student(global_crops, local_crops, masks)
-        out = self.loss.forward_masked(student_cls, student_patch, teacher_cls, teacher_patch, teacher_patch_mean,
-                                       masks, teacher_temp, teacher_patch_temp)
+        out = self.loss.forward_masked(student_cls, student_patch, teacher_cls, teacher_patch[masks],
+                                       teacher_patch.mean(1), masks, teacher_temp, teacher_patch_temp)
         if self.cfg.koleo:  # optional: each global crop's batch of backbone [CLS] features spread apart
             g = self.cfg.global_crops
             out["koleo"] = sum(koleo_loss(c) for c in global_cls_tokens.chunk(g)) / g

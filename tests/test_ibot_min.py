@@ -678,28 +678,6 @@ def test_vit_input_errors(student_vit):
         M.vit_nano(patch_size=4, img_size=16)(x, torch.zeros(2, 16, dtype=torch.bool))
 
 
-@settings(max_examples=10, deadline=None)
-@given(seed=st.integers(0, 2**16), training=st.booleans())
-def test_vit_rows_are_the_same_tokens_as_the_full_output(seed, training):
-    """rows= skips the last block's MLP for the tokens nobody reads: the rows it returns are the full output's
-    rows, drop path (the same draws, per image) and gradients included."""
-    gen = torch.Generator().manual_seed(seed)
-    vit = M.vit_nano(patch_size=4, img_size=16, masked_embed=True, drop_path_rate=0.5).train(training)
-    x = torch.randn(6, 3, 16, 16, generator=gen)
-    mask = torch.rand(6, 16, generator=gen) < 0.3
-    rows = torch.rand(6, 17, generator=gen) < 0.4
-    rows[0] = False  # an image with no row read
-    torch.manual_seed(seed)
-    full = vit(x, mask=mask)[rows]
-    (g_full,) = torch.autograd.grad(full.square().sum(), vit.blocks[0].mlp.fc1.weight)
-    torch.manual_seed(seed)
-    part = vit(x, mask=mask, rows=rows)
-    (g_part,) = torch.autograd.grad(part.square().sum(), vit.blocks[0].mlp.fc1.weight)
-    assert part.shape == (int(rows.sum()), vit.embed_dim)
-    torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(g_part, g_full, atol=1e-5, rtol=1e-5)
-
-
 def test_parameter_names_and_drop_path_rates():
     vit = M.vit_nano(patch_size=4, img_size=16, masked_embed=True, drop_path_rate=0.3)
     names = set(dict(vit.named_parameters()))
@@ -929,25 +907,16 @@ def test_loss_input_errors():
     g, l, B, N, K = 2, 2, 3, 4, 5
     s_cls, s_patch, t_cls, t_patch, masks = make_inputs(0, g, l, B, N, K, K)
     loss = make_loss(g, l, K, K)
-    with pytest.raises(ValueError, match="crop counts"):
+    with pytest.raises(ValueError, match="student_cls with"):
         loss(s_cls[:-B], s_patch, t_cls, t_patch, masks, 0.05, 0.07)
-    with pytest.raises(ValueError, match="crop counts"):
+    with pytest.raises(ValueError, match="student_cls with"):
         make_loss(3, 1, K, K)(s_cls, s_patch, t_cls, t_patch, masks, 0.05, 0.07)
     with pytest.raises(ValueError, match="masks"):
         loss(s_cls, s_patch, t_cls, t_patch, masks[:, :-1], 0.05, 0.07)
-    with pytest.raises(ValueError, match="masks"):
+    with pytest.raises(ValueError, match="teacher_patch"):
         loss(s_cls, s_patch, t_cls, t_patch[:, :-1], masks, 0.05, 0.07)
     with pytest.raises(ValueError, match="bool"):
         loss(s_cls, s_patch, t_cls, t_patch, masks.long(), 0.05, 0.07)
-    t_mean = t_patch.mean(1)
-    with pytest.raises(ValueError, match="bool"):
-        loss.forward_masked(s_cls, s_patch[masks], t_cls, t_patch[masks], t_mean, masks.long(), 0.05, 0.07)
-    with pytest.raises(ValueError, match="teacher's patch logits at the masks"):
-        loss.forward_masked(s_cls, s_patch[masks], t_cls, t_patch[masks][1:], t_mean, masks, 0.05, 0.07)
-    with pytest.raises(ValueError, match="student's patch logits at the masks"):
-        loss.forward_masked(s_cls, s_patch[masks][:, 1:], t_cls, t_patch[masks], t_mean, masks, 0.05, 0.07)
-    with pytest.raises(ValueError, match="mean patch logits"):
-        loss.forward_masked(s_cls, s_patch[masks], t_cls, t_patch[masks], t_mean[1:], masks, 0.05, 0.07)
     with pytest.raises(ValueError, match="crops"):
         M.IBOTLoss(K, K, 1, 0)
 
