@@ -24,7 +24,7 @@ import torch
 README_CPU_SHAPE = ["--preset", "cifar10", "--dataset", "synthetic", "--arch", "vit_tiny", "--patch-size", "4",
                     "--global-size", "32", "--local-size", "16", "--local-crops", "6", "--batch-size", "64",
                     "--out-dim", "4096", "--device", "cpu", "--device-augment"]
-OWN_MODULES = ("train", "ibot_min", "batched_views", "data", "runtime", "bench", "plot_run")
+OWN_MODULES = ("train", "ibot_min", "checkpoints", "batched_views", "data", "runtime", "bench", "plot_run")
 WARMUP_ROUNDS = 2
 
 

@@ -1023,3 +1023,66 @@ def test_attention_picks_the_plain_path_for_bf16_on_cpu_and_agrees_with_fp32():
         assert calls == [1]  # bf16 on a CPU does not
     finally:
         F.scaled_dot_product_attention = real
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- speed-ups: each equal to the plain computation ----
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), training=st.booleans())
+def test_tokens_read_are_the_full_outputs_rows(seed, training):
+    """tokens_read skips the last block's MLP for the tokens nobody reads: the rows it returns are the full
+    output's rows, drop path (the same per-image draws) and gradients included."""
+    gen = torch.Generator().manual_seed(seed)
+    vit = M.vit_nano(patch_size=4, img_size=16, masked_embed=True, drop_path_rate=0.5).train(training)
+    x = torch.randn(6, 3, 16, 16, generator=gen)
+    mask = torch.rand(6, 16, generator=gen) < 0.3
+    rows = torch.rand(6, 17, generator=gen) < 0.4
+    rows[0] = False  # an image with no row read
+    torch.manual_seed(seed)
+    full = vit(x, mask=mask)[rows]
+    (g_full,) = torch.autograd.grad(full.square().sum(), vit.blocks[0].mlp.fc1.weight)
+    torch.manual_seed(seed)
+    part = M.tokens_read(vit, x, mask, rows)
+    (g_part,) = torch.autograd.grad(part.square().sum(), vit.blocks[0].mlp.fc1.weight)
+    assert part.shape == (int(rows.sum()), vit.embed_dim)
+    torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_part, g_full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared_head, drop_path", [(True, 0.0), (False, 0.5)])
+def test_speedups_give_the_plain_step(shared_head, drop_path):
+    """IBOT(speedups=True) against IBOT(speedups=False) with the same weights: loss terms, centres and every
+    student gradient, drop path on (both draw the same keeps in the same order)."""
+    cfg = _tiny_cfg(shared_head, drop_path=drop_path)
+    torch.manual_seed(0)
+    fast = M.IBOT(cfg, speedups=True)
+    plain = M.IBOT(cfg, speedups=False)
+    plain.load_state_dict(fast.state_dict())
+    assert type(fast.student) is M.ReadOnlyStudent and type(plain.student) is M.MultiCropStudent
+    global_crops, local_crops, masks = _batch(2)
+    outs, grads = [], []
+    for model in (fast, plain):
+        torch.manual_seed(5)
+        out = model(global_crops, local_crops, masks, 0.05, 0.06)
+        out["loss"].backward()
+        outs.append(out)
+        grads.append({n: p.grad for n, p in model.student.named_parameters() if p.grad is not None})
+    for key in ("cls", "patch", "loss"):
+        torch.testing.assert_close(outs[0][key], outs[1][key], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.loss.center, plain.loss.center)
+    torch.testing.assert_close(fast.loss.patch_center, plain.loss.patch_center, atol=1e-6, rtol=1e-5)
+    assert set(grads[0]) == set(grads[1]) and "backbone.masked_embed" in grads[0]
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_teacher_logits_read_equal_the_full_teacher():
+    model = _tiny_model(shared_head=False, seed=4)
+    global_crops, _, masks = _batch(3)
+    masks = masks.flatten(1)
+    for a, b in zip(M.teacher_logits_read(model.teacher, global_crops, masks),
+                    M.teacher_logits(model.teacher, global_crops, masks)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
