@@ -25,6 +25,8 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from runtime import all_reduce, world_size
+
 # ---------------------------------------------------------------------------------------------------
 # ---- config and architectures ----
 
@@ -460,11 +462,9 @@ class IBOTLoss(nn.Module):
         teacher_cls (gB, K); teacher_patch_mean (gB, K_p), each image's mean_n t_un."""
         cls_sum = teacher_cls.float().sum(0, keepdim=True)  # (1, K)
         patch_sum = teacher_patch_mean.float().sum(0, keepdim=True)  # (1, K_p)
-        rows = teacher_cls.shape[0]
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(cls_sum)
-            dist.all_reduce(patch_sum)
-            rows *= dist.get_world_size()
+        all_reduce(cls_sum)  # over every rank
+        all_reduce(patch_sum)
+        rows = teacher_cls.shape[0] * world_size()
         self.center.mul_(self.center_momentum).add_(cls_sum / rows, alpha=1 - self.center_momentum)
         self.patch_center.mul_(self.patch_center_momentum).add_(patch_sum[None] / rows,
                                                                 alpha=1 - self.patch_center_momentum)
@@ -479,13 +479,6 @@ def sinkhorn_knopp(scores: torch.Tensor, iterations: int = 3) -> torch.Tensor:
     Named deviation: DINOv2 scales Q = exp(scores); the same iterations run here on log Q, so scores that span
     more than ~100 (a cold teacher, features near one prototype) cannot underflow to 0 / 0 = NaN. DINOv2's
     first division by the total of Q is left out: the first prototype normalisation cancels it."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-    def all_reduce(t, op=dist.ReduceOp.SUM):
-        if world > 1:
-            dist.all_reduce(t, op=op)
-        return t
-
     def logsumexp_over_all_rows(log_q):  # (K, rows) -> (K, 1), over the rows of every rank
         peak = log_q.amax(1, keepdim=True) if log_q.shape[1] else log_q.new_full((log_q.shape[0], 1), -math.inf)
         peak = all_reduce(peak, dist.ReduceOp.MAX)  # finite unless no rank has rows (then log_q is empty)
@@ -604,8 +597,8 @@ class MultiCropAugmentation:
     local_size: int = 96
     global_crops: int = 2  # g
     local_crops: int = 10  # l
-    global_scale: tuple[float, float] = (0.14, 1.0)  # RandomResizedCrop's area range
-    local_scale: tuple[float, float] = (0.05, 0.4)
+    global_scale: tuple[float, float] = (0.25, 1.0)  # RandomResizedCrop's area range (the published ViT-S/16
+    local_scale: tuple[float, float] = (0.05, 0.25)  # command's; main_ibot.py's own defaults are (0.14, 1), (0.05, 0.4))
     blur: bool = True
     patch_size: int = 16  # the masks' grid is global_size / patch_size
     mask_ratios: tuple[float, ...] = (0.0, 0.3)  # r ~ U(ratio - var, ratio + var) for one pair chosen at random
@@ -616,24 +609,21 @@ class MultiCropAugmentation:
 
     def __post_init__(self):  # checked once here, before a run starts, for the PIL and the on-device views alike
         if self.global_size % self.patch_size:
-            raise ValueError(f"global crop size {self.global_size} (--global-size) is not divisible by patch size "
-                             f"{self.patch_size} (--patch-size)")
+            raise ValueError(f"global_size {self.global_size} is not divisible by patch_size {self.patch_size}")
         if self.local_crops and self.local_size % self.patch_size:  # the ViT cuts local crops into patches too
-            raise ValueError(f"local crop size {self.local_size} (--local-size) is not divisible by patch size "
-                             f"{self.patch_size} (--patch-size)")
+            raise ValueError(f"local_size {self.local_size} is not divisible by patch_size {self.patch_size}")
         self.global_scale, self.local_scale = tuple(self.global_scale), tuple(self.local_scale)
-        for flag, scale in (("--global-scale", self.global_scale), ("--local-scale", self.local_scale)):
+        for name, scale in (("global_scale", self.global_scale), ("local_scale", self.local_scale)):
             if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-                raise ValueError(f"{flag} takes the smallest and largest share of the image a crop covers, "
+                raise ValueError(f"{name} takes the smallest and largest share of the image a crop covers, "
                                  f"0 < min <= max <= 1; got {' '.join(map(str, scale))}")
         self.mask_ratios, self.mask_ratio_vars = tuple(self.mask_ratios), tuple(self.mask_ratio_vars)
         try:
             check_mask_ratios(self.mask_ratios, self.mask_ratio_vars)
         except ValueError as e:
-            raise ValueError(f"bad --mask-ratios {' '.join(map(str, self.mask_ratios))} --mask-ratio-vars "
-                             f"{' '.join(map(str, self.mask_ratio_vars))}: {e}") from None
+            raise ValueError(f"bad mask_ratios {self.mask_ratios} with mask_ratio_vars {self.mask_ratio_vars}: {e}") from None
         if self.mask_shape not in ("block", "rand"):
-            raise ValueError(f"mask shape (--mask-shape) must be 'block' or 'rand', got {self.mask_shape!r}")
+            raise ValueError(f"mask_shape must be 'block' or 'rand', got {self.mask_shape!r}")
         self.grid = self.global_size // self.patch_size
 
     def view(self, img: Image.Image, size: int, scale, p_blur: float, p_solarize: float, gen) -> torch.Tensor:
@@ -714,8 +704,8 @@ class IBOT(nn.Module):
     """student = {backbone, head}, teacher = the same without drop path or mask token, and the loss."""
 
     def __init__(self, cfg: IBOTConfig, speedups: bool = True):
-        """speedups: compute only what the loss reads (ReadOnlyStudent, teacher_logits_read; the "speed-ups"
-        section below), the same loss and gradients as the plain computation (speedups=False) up to rounding."""
+        """speedups: the student's last block only on the tokens the loss reads (ReadOnlyStudent, in the
+        "speed-ups" section below): the same loss and gradients as the plain computation (speedups=False)."""
         super().__init__()
         self.cfg, self.speedups = cfg, speedups
         student = ReadOnlyStudent if speedups else MultiCropStudent
@@ -754,8 +744,7 @@ class IBOT(nn.Module):
             raise ValueError(f"expected bool masks (gB, N) = {shape} (or (gB, h, w)) for global crops of shape "
                              f"{tuple(global_crops.shape)}, got {masks.dtype} {tuple(masks.shape)}")
         with torch.no_grad():  # the online tokenizer: the teacher sees the unmasked global crops
-            teacher_cls, teacher_patch_masked, teacher_patch_mean = (
-                teacher_logits_read if self.speedups else teacher_logits)(self.teacher, global_crops, masks)
+            teacher_cls, teacher_patch_masked, teacher_patch_mean = teacher_logits(self.teacher, global_crops, masks)
         student = self.student if student is None else student
         student_cls, student_patch, global_cls_tokens = student(global_crops, local_crops, masks)
         out = self.loss.forward_masked(student_cls, student_patch, teacher_cls, teacher_patch_masked,
@@ -785,8 +774,8 @@ class IBOT(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------
 # ---- speed-ups: the same step, computing only the tokens the loss reads (IBOT(speedups=True)) ----
-# Each is tested equal to the plain computation above, drop path and gradients included
-# (tests/test_ibot_min.py, "speed-ups"). At the CPU preset they make the step about 15% faster.
+# Tested equal to the plain computation above, drop path and gradients included (tests/test_ibot_min.py,
+# "speed-ups"). At the CPU preset it makes the step 11% faster (docs/performance.md).
 
 
 def tokens_read(vit: VisionTransformer, x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
@@ -828,16 +817,6 @@ class ReadOnlyStudent(MultiCropStudent):
         cls_tokens = torch.cat(cls_tokens)
         z = self.head.project(torch.cat([cls_tokens, masked_tokens]))
         return self.head.cls_logits(z[:len(cls_tokens)]), self.head.patch_logits(z[len(cls_tokens):]), global_cls
-
-
-@torch.no_grad()
-def teacher_logits_read(teacher: nn.ModuleDict, global_crops: torch.Tensor, masks: torch.Tensor):
-    """teacher_logits without the (gB, N, K_p) tensor: the prototype layer at the masked patches only, and c'
-    from each image's mean projected patch token (the prototype layer is linear and has no bias, so the mean of
-    its outputs is its output on the mean)."""
-    head = teacher.head
-    z = head.project(teacher.backbone(global_crops))  # (gB, 1+N, bottleneck)
-    return head.cls_logits(z[:, 0]), head.patch_logits(z[:, 1:][masks]), head.patch_logits(z[:, 1:].float().mean(1))
 
 
 # ---------------------------------------------------------------------------------------------------

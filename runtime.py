@@ -8,6 +8,43 @@ import os
 import torch
 import torch.distributed as dist
 
+
+# ---- collectives: every one goes through here, on its backend's device ----
+# NCCL takes only CUDA tensors and gloo (the CPU backend) CPU ones, whatever device a value was computed on.
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def backend_device() -> torch.device:
+    """The device a collective's tensors must be on: this process's GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """t reduced over every rank (in place, and returned), wherever t lives; t itself with one process."""
+    if world_size() == 1:
+        return t
+    on_backend = t.to(backend_device())
+    dist.all_reduce(on_backend, op=op)
+    if on_backend is not t:
+        t.copy_(on_backend)
+    return t
+
+
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's t (the same shape on each), on t's device, in rank order."""
+    if world_size() == 1:
+        return [t]
+    on_backend = t.to(backend_device())
+    parts = [torch.empty_like(on_backend) for _ in range(world_size())]
+    dist.all_gather(parts, on_backend)
+    return [p.to(t.device) for p in parts]
+
+
 def setup_distributed(args):
     """DDP only when torchrun set RANK; NCCL on GPU, gloo on CPU."""
     if "RANK" not in os.environ:

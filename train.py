@@ -1,7 +1,8 @@
 """Train iBOT, from a CPU CIFAR smoke run to multi-GPU ImageNet. Built on ibot_min.py.
 
 The main job: CIFAR-10 with the recipe made for the device (cifar10 on CUDA, cifar10-cpu otherwise), on
-../shared's PNGs when they are there, else on torchvision's CIFAR-10 (downloaded into data/):
+torchvision's CIFAR-10 (downloaded into data/), or on a local folder of its class folders named by the
+environment variable IBOT_CIFAR10_DIR:
     python train.py --budget 5m        # everything, kNN scores and the final checkpoint included, in 5 minutes
 CPU or GPU, explicitly:
     python train.py --preset cifar10-cpu --budget 10m
@@ -12,22 +13,27 @@ One node, 8 GPUs (--batch-size is per GPU, the lr scales with the global batch):
 Several nodes (run on each; --max-restarts recovers through the automatic resume):
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --max-restarts 3 \\
         train.py --preset imagenet-vit-s16 --data-path /data/imagenet --output-dir runs/vits16
-Benchmark (prints one JSON line; bench.py does the same, and --profile there adds an operator table):
-    python train.py --preset cifar10 --dataset synthetic --arch vit_tiny --patch-size 4 --global-size 32 --local-size 16 \\
-        --local-crops 6 --batch-size 64 --out-dim 4096 --benchmark 5 --device cpu
+Continue pre-training from official iBOT / DINO weights (any resolution; the heads too where they fit):
+    python train.py --preset imagenet-vit-s16 --data-path /data/imagenet --load-from ibot_vits16_checkpoint.pth
+The training step's speed: bench.py, with the same flags.
 
-A run writes <output-dir>/checkpoint.pth (atomically, every epoch and on Ctrl-C), log.jsonl and curves.png
-(plot_run.py), and resumes from them when started again with the same output folder. Every flag sets the
+A run writes <output-dir>/checkpoint.pth (atomically, every epoch, every --ckpt-every-minutes, and on SIGTERM or
+Ctrl-C), log.jsonl and curves.png (plot_run.py), and resumes from them when started again with the same output
+folder; a second live run into that folder is refused. Every flag sets the
 field of the same name in ibot_min.IBOTConfig, ibot_min.MultiCropAugmentation or TrainConfig below.
 """
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import re
+import signal
+import socket
 import sys
+import threading
 import time
 import traceback
 
@@ -41,9 +47,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import batched_views as BV  # noqa: E402
+import checkpoints as C  # noqa: E402
 import data as D  # noqa: E402
 import ibot_min as M  # noqa: E402
-from runtime import pick_device, pick_precision, print0, setup_distributed  # noqa: E402
+from runtime import all_gather, all_reduce, pick_device, pick_precision, print0, setup_distributed, world_size  # noqa: E402,E501
 
 # ---------------------------------------------------------------------------------------------------
 # ---- configuration: three dataclasses, one flag per field, presets over their defaults ----
@@ -51,13 +58,14 @@ from runtime import pick_device, pick_precision, print0, setup_distributed  # no
 
 @dataclass
 class TrainConfig:
-    """The run around the method: data, optimisation and schedules (SPEC.md "Optimisation"), output.
-    The networks and the loss are ibot_min.IBOTConfig, the views ibot_min.MultiCropAugmentation."""
+    """The run around the method: data, optimisation and schedules (docs/method.md, "Optimisation"), output.
+    The networks and the loss are ibot_min.IBOTConfig, the views ibot_min.MultiCropAugmentation. The defaults
+    are the official ViT-S/16 ImageNet recipe's."""
 
     dataset: str = "imagefolder"  # cifar10 | cifar100 | imagefolder | synthetic
     data_path: str | None = None
     download: bool = False  # let torchvision download CIFAR
-    holdout_per_class: int = 0  # one folder of class folders: its last N images per class are the val split
+    holdout_per_class: int = 0  # a folder of class folders: its last N images per class are the val split
     limit_per_class: int | None = None  # train on the first N images of each class
     batch_size: int = 64  # per process
     epochs: int = 100
@@ -76,7 +84,9 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/ibot"
     resume: bool = True  # resume from output_dir/checkpoint.pth when it is there
+    load_from: str | None = None  # start from this checkpoint's weights (ours, official iBOT / DINO, timm)
     ckpt_every: int = 1  # epochs
+    ckpt_every_minutes: float = 10.0  # also mid-epoch, at most this long apart; 0 = only at epoch ends
     knn_every: int = 0  # epochs; 0 = never
     knn_every_steps: int = 0  # also on the log rows of these steps; 0 = never
     log_every: int = 100  # steps: a row of log.jsonl (means since the last row, diagnostics), and at each epoch end
@@ -88,46 +98,37 @@ class TrainConfig:
     precision: str | None = None  # fp32 | bf16 | fp16 (default: bf16 where it pays)
     compile: bool = False  # torch.compile both backbones
     device_augment: bool = False  # decode once, make crops and masks on the device (batched_views.py)
-    benchmark: int = 0  # time N steps and print one JSON line instead of training (bench.py)
 
     def __post_init__(self):
         for name in ("batch_size", "epochs", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("log_every", "knn_every", "knn_every_steps", "benchmark"):
+        for name in ("log_every", "knn_every", "knn_every_steps", "ckpt_every_minutes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.budget is not None:
+            parse_duration(self.budget)
 
 
-SHARED_CIFAR10 = Path(__file__).resolve().parent.parent / "shared" / "data" / "cifar10" / "train"
+# A folder of CIFAR-10 class folders to use instead of torchvision's download (an offline lab, this project's CI).
+CIFAR10_DIR_ENV = "IBOT_CIFAR10_DIR"
+# Each preset holds only what differs from the dataclasses' defaults (the official ViT-S/16 recipe).
 PRESETS = {
-    # A short CIFAR-10 run: the official recipe scaled to 32 px images (ViT-Tiny/4, 32 + 16 px crops, no blur),
-    # plus DINOv2's KoLeo term (--koleo 1), the one change that paid in the README's ablations (measured on
-    # the CPU preset; not yet confirmed on a GPU). Warm-ups keep their fraction of the run under --budget.
-    "cifar10": dict(dataset="imagefolder", data_path=str(SHARED_CIFAR10), holdout_per_class=500,
-                    arch="vit_tiny", patch_size=4, global_size=32, local_size=16, local_crops=6,
-                    global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), blur=False, out_dim=4096,
-                    batch_size=256, epochs=100, lr=1e-3, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04,
-                    weight_decay_end=0.4, momentum_teacher=0.99, teacher_temp=0.07, warmup_teacher_temp=0.04,
-                    warmup_teacher_temp_epochs=30, drop_path=0.1, norm_last_layer=False, freeze_last_layer=1,
-                    clip_grad=3.0, koleo=1.0, knn_every=10),
-    # The official ViT-S/16 ImageNet-1K recipe (800 epochs, 16 GPUs x 64 in the paper's README).
-    "imagenet-vit-s16": dict(dataset="imagefolder", data_path=None, holdout_per_class=0, arch="vit_small",
-                             patch_size=16, global_size=224, local_size=96, local_crops=10, global_scale=(0.14, 1.0),
-                             local_scale=(0.05, 0.4), blur=True, out_dim=8192, batch_size=64, epochs=800, lr=5e-4,
-                             min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4,
-                             momentum_teacher=0.996, teacher_temp=0.07, warmup_teacher_temp=0.04,
-                             warmup_teacher_temp_epochs=30, drop_path=0.1, norm_last_layer=False,
-                             freeze_last_layer=1, clip_grad=3.0, knn_every=0),
+    # The official ViT-S/16 ImageNet-1K recipe: the published command (bytedance/ibot README, "iBOT Pre-Training
+    # with ViTs": 800 epochs, 16 GPUs x 64) over main_ibot.py's defaults; tests/test_train.py holds the table.
+    "imagenet-vit-s16": dict(epochs=800),
+    # CIFAR-10 on one GPU: the recipe scaled to 32 px images (ViT-Tiny/4, 32 + 16 px crops, no blur, 4,096
+    # prototypes), with what the CPU runs taught: a cold teacher held at tau_t = tau_t' = 0.04 (a ramp to 0.07
+    # flattens the targets to ln K on short runs) and DINOv2's KoLeo term at 0.1 (docs/cpu_recipe.md).
+    "cifar10": dict(dataset="cifar10", data_path="data/", download=True, arch="vit_tiny", patch_size=4,
+                    global_size=32, local_size=16, local_crops=6, blur=False, out_dim=4096, batch_size=256,
+                    lr=1e-3, momentum_teacher=0.99, teacher_temp=0.04, koleo=0.1, knn_every=10),
 }
-# The cifar10 recipe sized for a 2-core CPU (README "Results": the ablations behind each change). Batched
-# augmentation beats two PIL loader workers there: 42 vs 18 img/s on the project's 2-core machine. A cold
-# teacher held at tau_t = tau_t' = 0.04 (no ramp to 0.07, which flattens the targets to ln K on short runs), a
-# 4x higher peak lr for runs of a few hundred steps, and KoLeo at DINOv2's 0.1.
+# The cifar10 recipe sized for a 2-core CPU: vit_nano, 1,024 prototypes, batch 64, crops made in batches on the
+# device (faster there than PIL loader processes), and a 4x higher peak lr for runs of a few hundred steps.
 PRESETS["cifar10-cpu"] = {**PRESETS["cifar10"], "arch": "vit_nano", "out_dim": 1024, "head_hidden_dim": 512,
-                          "batch_size": 64, "device_augment": True, "knn_every_steps": 250,
-                          "teacher_temp": 0.04, "warmup_teacher_temp": 0.04, "lr": 4e-3, "koleo": 0.1}
-PRESETS["cifar100"] = {**PRESETS["cifar10"], "dataset": "cifar100", "data_path": "data/"}
+                          "batch_size": 64, "device_augment": True, "knn_every_steps": 250, "lr": 4e-3}
+PRESETS["cifar100"] = {**PRESETS["cifar10"], "dataset": "cifar100"}
 CONFIGS = (M.IBOTConfig, M.MultiCropAugmentation, TrainConfig)
 CHOICES = dict(arch=sorted(M.ARCHS), centering=["center", "sinkhorn"], mask_shape=["block", "rand"],
                precision=["fp32", "bf16", "fp16"], device=["cuda", "mps", "cpu"])
@@ -135,17 +136,37 @@ NOT_FLAGS = {"mean", "std"}  # the views' normalisation follows the data (ImageN
 
 
 def build(cls, args: argparse.Namespace):
-    """One of CONFIGS from the flags of the same names."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+    """One of CONFIGS from the flags of the same names. Its errors speak of fields; here they name the flags."""
+    try:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+    except ValueError as e:
+        message = str(e)
+        for f in dataclasses.fields(cls):
+            message = re.sub(rf"(?<![-\w]){f.name}\b", "--" + f.name.replace("_", "-"), message)
+        raise ValueError(message) from None
+
+
+def default_preset(device: str | None) -> str:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return "cifar10" if device == "cuda" else "cifar10-cpu"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Flags -> one namespace: each config field's default, then the preset's values, then the flags given.
-    Every field of CONFIGS is a flag of the same name (--global-size sets global_size)."""
+    Every field of CONFIGS is a flag of the same name (--global-size sets global_size); --help shows the value
+    the run will use, the chosen preset's where it sets one."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--device")
+    chosen, _ = pre.parse_known_args(argv)
+    preset = chosen.preset or default_preset(chosen.device)
+    preset_values = PRESETS.get(preset, {})
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     S = argparse.SUPPRESS  # unset flags stay unset, so the preset decides
-    p.add_argument("--preset", default=S, help=f"one of {sorted(PRESETS)} (default: cifar10 on CUDA, else cifar10-cpu)")
+    p.add_argument("--preset", default=S, help=f"one of {sorted(PRESETS)} (default: cifar10 on CUDA, else "
+                                               f"cifar10-cpu; this run: {preset})")
     defaults, seen = {}, set()
     for cls in CONFIGS:
         hints = typing.get_type_hints(cls)
@@ -158,45 +179,49 @@ def parse_args(argv=None) -> argparse.Namespace:
             if type(None) in typing.get_args(hint):  # X | None -> X (tuple[float, ...] stays a tuple)
                 hint = next(t for t in typing.get_args(hint) if t is not type(None))
             flag, typ = "--" + f.name.replace("_", "-"), typing.get_origin(hint) or hint
+            value = preset_values.get(f.name, f.default)
+            where = f"preset {preset}" if f.name in preset_values else cls.__name__
+            help_ = f"{value} ({where})"
             if typ is bool:
-                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=S)
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=S, help=help_)
             elif typ is tuple:  # tuple[float, float]: exactly two numbers; tuple[float, ...]: one or more
                 items = typing.get_args(hint)
-                p.add_argument(flag, type=float, nargs="+" if Ellipsis in items else len(items), default=S)
+                p.add_argument(flag, type=float, nargs="+" if Ellipsis in items else len(items), default=S,
+                               help=help_)
             else:
-                p.add_argument(flag, type=typ, choices=CHOICES.get(f.name), default=S,
-                               help=f"default {f.default} (see {cls.__name__})")
+                p.add_argument(flag, type=typ, choices=CHOICES.get(f.name), default=S, help=help_)
     given = vars(p.parse_args(argv))
-    notes = []  # what was chosen for the user, and why: the first lines a run prints
-    if "preset" in given:
-        preset = given["preset"]
-    else:  # the recipe made for the device at hand
-        device = given.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        preset = "cifar10" if device == "cuda" else "cifar10-cpu"
-        other = "cifar10-cpu" if preset == "cifar10" else "cifar10"
-        notes.append(f"preset {preset}: the {'GPU' if device == 'cuda' else 'CPU'} recipe, since "
-                     f"{'a CUDA device is' if device == 'cuda' else 'no CUDA device is'} in use "
-                     f"(--preset {other} for the other one)")
     if preset not in PRESETS:
         p.error(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    args = argparse.Namespace(**{**defaults, **PRESETS[preset], **given})
-    if args.data_path == str(SHARED_CIFAR10) and not {"dataset", "data_path"} & set(given):
-        if SHARED_CIFAR10.is_dir():
-            notes.append(f"data: CIFAR-10 PNGs in {SHARED_CIFAR10}, the last {args.holdout_per_class} of each "
-                         f"class held out for kNN")
-        else:  # a user's own clone: torchvision's CIFAR-10, its test set for kNN
-            args.dataset, args.data_path, args.download, args.holdout_per_class = "cifar10", "data/", True, 0
-            notes.append(f"data: torchvision's CIFAR-10 in data/ (downloaded if missing; {SHARED_CIFAR10} is not "
-                         f"there), its test set for kNN")
+    notes = []  # what was chosen for the user, and why: the first lines a run prints
+    if "preset" not in given:
+        device = "GPU" if preset == "cifar10" else "CPU"
+        other = "cifar10-cpu" if preset == "cifar10" else "cifar10"
+        notes.append(f"preset {preset}: the {device} recipe, since {'a' if device == 'GPU' else 'no'} CUDA device "
+                     f"is in use (--preset {other} for the other one)")
+    args = argparse.Namespace(**{**defaults, **preset_values, **given})
+    local_cifar = os.environ.get(CIFAR10_DIR_ENV)
+    if args.dataset == "cifar10" and local_cifar and not {"dataset", "data_path", "download"} & set(given):
+        if not Path(local_cifar).is_dir():
+            p.error(f"{CIFAR10_DIR_ENV}={local_cifar} is not a folder; point it at CIFAR-10's class folders or unset it")
+        holdout = given.get("holdout_per_class", 500)
+        args.dataset, args.data_path, args.download, args.holdout_per_class = "imagefolder", local_cifar, False, holdout
+        notes.append(f"data: CIFAR-10 images in {local_cifar} (from {CIFAR10_DIR_ENV}), the last {holdout} of each "
+                     f"class held out for kNN")
+    elif args.dataset in ("cifar10", "cifar100") and args.download and not {"dataset", "data_path"} & set(given):
+        notes.append(f"data: torchvision's {args.dataset.upper()} in {args.data_path} (downloaded if missing), its "
+                     f"test set for kNN; set {CIFAR10_DIR_ENV} to a folder of class folders to use a local copy")
     args.notes = notes
-    args.budget_s = parse_duration(args.budget) if args.budget else None
+    args.budget_s = parse_duration(args.budget) if args.budget is not None else None
     return args
 
 
 def parse_duration(text: str) -> float:
+    """'90s', '5m', '1.5h' or '300' (seconds) -> seconds; a positive duration only."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|h)?\s*", str(text))
-    if not m:
-        raise ValueError(f"budget must look like 90s, 5m or 1.5h, got {text!r}")
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"--budget must be a positive duration such as 90s, 5m, 1.5h or 300 (seconds), "
+                         f"got {text!r}")
     return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
 
 
@@ -276,9 +301,9 @@ def set_rng_state(state: dict) -> None:
 
 
 # flags that may differ when a run resumes; a difference in any other (data, networks, schedules) is refused
-MAY_CHANGE_ON_RESUME = {"preset", "output_dir", "resume", "ckpt_every", "knn_every", "knn_every_steps",
-                        "knn_bank_per_class", "log_every", "download", "workers", "device", "precision", "compile",
-                        "benchmark"}
+MAY_CHANGE_ON_RESUME = {"preset", "output_dir", "resume", "load_from", "ckpt_every", "ckpt_every_minutes",
+                        "knn_every", "knn_every_steps", "knn_bank_per_class", "log_every", "download", "workers",
+                        "device", "precision", "compile"}
 
 
 def load_for_resume(path: Path, config: dict) -> dict:
@@ -299,7 +324,7 @@ def load_for_resume(path: Path, config: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# ---- the run: setup (shared with bench.py), the step, the loop ----
+# ---- the run: setup (bench.py times the same), the step ----
 
 
 class NonFiniteLoss(RuntimeError):
@@ -331,7 +356,8 @@ class EpochSampler(torch.utils.data.Sampler):
 class Run:
     """What a training step needs, built once by setup(); bench.py times the same step on it."""
 
-    args: argparse.Namespace
+    args: argparse.Namespace  # every field of CONFIGS, as parsed
+    config: TrainConfig  # the same values, typed: what the loop reads
     model: M.IBOT
     student: torch.nn.Module  # model.student, or its DistributedDataParallel wrapper on several ranks
     optimizer: torch.optim.Optimizer
@@ -346,7 +372,7 @@ class Run:
 
     @property
     def global_batch(self) -> int:
-        return self.args.batch_size * self.world
+        return self.config.batch_size * self.world
 
 
 def setup(args) -> Run:
@@ -354,6 +380,7 @@ def setup(args) -> Run:
     build(TrainConfig, args)  # bad values fail here, before any process group or data
     args.device = pick_device(args.device)
     args.precision = pick_precision(args.precision, args.device)
+    config = build(TrainConfig, args)
     rank, world, local_rank = setup_distributed(args)
     for note in getattr(args, "notes", []):  # the first lines: what was chosen for the user, and why
         print0(note)
@@ -392,21 +419,23 @@ def setup(args) -> Run:
             yield make_views(pixels[idx], gen, masking=epoch >= args.pred_start_epoch)
 
     model = M.IBOT(cfg).to(device)
+    if args.load_from:
+        load_weights(model, args.load_from)
     torch.manual_seed(args.seed + 1 + rank)  # drop path differs per rank; data draws are seeded per sample
     optimizer = torch.optim.AdamW(M.param_groups(model.student), lr=0.0,  # fused: one kernel for all parameters
                                   **({"fused": True} if args.device in ("cuda", "cpu") else {}))
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     autocast = nullcontext() if dtype is None else torch.autocast(args.device, dtype=dtype)
     scaler = torch.amp.GradScaler(args.device, enabled=args.precision == "fp16")
-    if args.compile:  # the backbones hold nearly all the work; compiled in place (the student's last block
-        # selects the rows the loss reads, whose count follows the masks: a data-dependent shape there)
+    if args.compile:  # the backbones hold nearly all the work; compiled in place (ReadOnlyStudent's last block
+        # runs on the rows the loss reads, whose count follows the masks: a data-dependent shape there)
         model.student.backbone.compile()
         model.teacher.backbone.compile()
     student = model.student
     if world > 1:  # torch's DDP averages the gradients, overlapping the all-reduce with the backward pass
         student = torch.nn.parallel.DistributedDataParallel(model.student,
                                                             device_ids=[local_rank] if args.device == "cuda" else None)
-    return Run(args, model, student, optimizer, scaler, autocast, device, rank, world, images,
+    return Run(args, config, model, student, optimizer, scaler, autocast, device, rank, world, images,
                len(sampler) // args.batch_size, epoch_batches)
 
 
@@ -422,7 +451,7 @@ def train_step(run: Run, batch, s: dict, freeze_last_layer: bool) -> dict:
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(out["loss"]).backward()
     scaler.unscale_(optimizer)
-    clip_gradients([p for p in model.student.parameters() if p.grad is not None], run.args.clip_grad)
+    clip_gradients([p for p in model.student.parameters() if p.grad is not None], run.config.clip_grad)
     if freeze_last_layer:
         for n, p in model.student.named_parameters():
             if "last_layer" in n:
@@ -433,23 +462,144 @@ def train_step(run: Run, batch, s: dict, freeze_last_layer: bool) -> dict:
     return {k: v.detach() for k, v in out.items()}
 
 
+
+def load_weights(model: M.IBOT, path: str) -> None:
+    """--load-from: the student and the teacher start from a checkpoint's backbones (ours, official iBOT / DINO,
+    timm; its student for ours and the official files, else the one backbone for both), position embeddings
+    interpolated to this run's grid; the heads too where the file has them at this run's shapes."""
+    ckpt = C.read_checkpoint(path)
+    for side, net in (("student", model.student), ("teacher", model.teacher)):
+        source = C.load_backbone(ckpt, side if side in ckpt else "teacher")
+        state = source.state_dict()
+        state["pos_embed"] = source.interpolate_pos_embed(*net.backbone.grid).detach()
+        missing, unexpected = net.backbone.load_state_dict(state, strict=False)
+        if set(missing) - {"masked_embed"} or unexpected:
+            raise ValueError(f"--load-from {path}: its {side} backbone does not fit --arch {model.cfg.arch} "
+                             f"(missing {missing}, unexpected {unexpected})")
+        heads = {k.split("head.", 1)[1]: v for k, v in ckpt.get(side, {}).items() if "head." in k}
+        ours = net.head.state_dict()
+        fits = heads and all(k in heads and heads[k].shape == v.shape for k, v in ours.items())
+        if fits:
+            net.head.load_state_dict({k: heads[k] for k in ours})
+        print0(f"--load-from {path}: the {side}'s backbone" + (" and head" if fits else " (a new head)"))
+
+# ---------------------------------------------------------------------------------------------------
+# ---- around the loop: ranks that agree, stop signals, the output folder, checkpoints, the log ----
+
+
 def slowest_rank(*seconds: float) -> list[float]:
     """Each clock reading as the slowest rank has it (the same numbers on every rank)."""
-    if not dist.is_initialized():
-        return list(seconds)
-    t = torch.tensor(seconds, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # gloo, or NCCL's CPU-side copy: a few floats
-    return t.tolist()
+    return all_reduce(torch.tensor(seconds, dtype=torch.float64), dist.ReduceOp.MAX).tolist()
 
 
-def all_ranks_finite(values: list[float]) -> bool:
-    """Whether every value on every rank is finite: one rank's NaN stops all of them, none waits forever."""
-    ok = all(math.isfinite(v) for v in values)
-    if dist.is_initialized():
-        flag = torch.tensor([float(ok)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        ok = bool(flag.item())
-    return ok
+def any_rank(*flags: bool) -> list[bool]:
+    """Whether each flag is true on some rank: the same answers on every rank, from one small all-reduce, so
+    that every rank stops, saves or raises at the same step and none waits forever."""
+    return [bool(v) for v in all_reduce(torch.tensor([float(f) for f in flags]), dist.ReduceOp.MAX)]
+
+
+class StopSignals:
+    """SIGTERM (how clusters preempt a job; torchrun passes it on) and SIGINT (Ctrl-C) ask the run to stop: the
+    loop saves the step it is at and returns. A second SIGINT stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.received, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class OutputFolder:
+    """The run's folder, made and tried for writing before any image is decoded, and locked for the run: a second
+    live run into it is refused in one line. The lock (flock) ends with its process, so a killed run leaves none."""
+
+    def __init__(self, path: Path, rank: int):
+        self.path, self.rank, self.lock = path, rank, None
+
+    def __enter__(self):
+        if self.rank:
+            return self
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock = open(self.path / "run.lock", "a+")
+        except OSError as e:
+            raise ValueError(f"--output-dir {self.path} cannot be written ({e.strerror or e}); pass another "
+                             f"--output-dir") from None
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.lock.seek(0)
+            owner = self.lock.read().strip() or "another process"
+            self.lock.close()
+            raise ValueError(f"another run ({owner}) is writing to {self.path}; wait for it to end, stop it, or pass "
+                             f"another --output-dir") from None
+        self.lock.truncate(0)
+        self.lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.lock.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock:
+            fcntl.flock(self.lock, fcntl.LOCK_UN)
+            self.lock.close()
+
+
+class Checkpoints:
+    """<output-dir>/checkpoint.pth: written atomically by rank 0, never with non-finite weights, and read back to
+    resume exactly (weights, centres, optimiser, scaler, step, schedule length, RNG)."""
+
+    def __init__(self, run: "Run", path: Path, config: dict):
+        self.run, self.path, self.config, self.t_saved = run, path, config, time.perf_counter()
+
+    def resume(self, schedules: Schedules) -> tuple[Schedules, int, float]:
+        """(schedules, step, seconds one kNN score takes) to go on from: the checkpoint's, or a fresh start's."""
+        run = self.run
+        if not (run.config.resume and self.path.exists()):
+            return schedules, 0, 0.0
+        ckpt = load_for_resume(self.path, self.config)
+        run.model.load_checkpoint(ckpt)
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        schedules = Schedules(run.args, ckpt["total"], run.steps_per_epoch, run.global_batch)
+        print0(f"resumed from {self.path} at step {ckpt['step']} of {schedules.total}")
+        return schedules, ckpt["step"], ckpt.get("knn_s", 0.0)
+
+    def due(self) -> bool:
+        minutes = self.run.config.ckpt_every_minutes
+        return bool(minutes) and time.perf_counter() - self.t_saved > 60 * minutes
+
+    def save(self, step: int, schedules: Schedules, knn_s: float) -> bool:
+        """Write the checkpoint; False (and nothing written) when the weights are not finite."""
+        run = self.run
+        if not weights_finite(run.model):
+            return False
+        if run.rank == 0:
+            ckpt = run.model.checkpoint()
+            ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
+                        epoch=step // run.steps_per_epoch, step=step, total=schedules.total,
+                        train_config=self.config, rng=rng_state(), knn_s=knn_s)
+            save_atomic(ckpt, self.path)
+        self.t_saved = time.perf_counter()
+        return True
+
+    def non_finite(self, where: str) -> "NonFiniteLoss":
+        kept = (f"the last good checkpoint {self.path} is left as it was" if self.path.exists() else
+                "no checkpoint had been written yet")
+        return NonFiniteLoss(f"non-finite loss {where}; {kept}. Lower --lr or keep --clip-grad on "
+                             f"(docs/cpu_recipe.md says what makes a run unstable)")
 
 
 def weights_finite(model: M.IBOT) -> bool:
@@ -462,10 +612,10 @@ def diagnostics(model: M.IBOT, global_crops: torch.Tensor, teacher_temp: float) 
     the entropy of its [CLS] targets P_u per image and of their batch mean (uniform collapse: both near ln K;
     one-prototype collapse: both near 0; a healthy run: low per image, high for the mean), the share of the
     K prototypes that are some image's argmax, and the mean cosine between different images' backbone
-    [CLS] features (near 1: every image looks alike)."""
-    tokens = model.teacher.backbone(global_crops)  # (gB, 1+N, D)
-    features = tokens[:, 0].float()  # (gB, D)
-    P = model.loss.teacher_targets(model.teacher.head(tokens)[0].float(), model.loss.center, teacher_temp)  # (gB, K)
+    [CLS] features (near 1: every image looks alike). Only [CLS] goes through the head."""
+    features = model.teacher.backbone(global_crops)[:, 0].float()  # (gB, D)
+    head = model.teacher.head
+    P = model.loss.teacher_targets(head.cls_logits(head.project(features)), model.loss.center, teacher_temp)  # (gB, K)
     entropy = -(P * P.clamp_min(1e-12).log()).sum(-1)  # (gB,)
     mean_P = P.mean(0)
     z = torch.nn.functional.normalize(features, dim=-1)
@@ -477,157 +627,179 @@ def diagnostics(model: M.IBOT, global_crops: torch.Tensor, teacher_temp: float) 
                 feature_cosine=float(cosine / max(n * (n - 1), 1)))
 
 
+class Log:
+    """The run's record: log.jsonl rows (the means of the loss terms since the last row, the schedules, img/s,
+    the diagnostics and, when due, the kNN score), and a progress line at least every 8 s."""
+
+    def __init__(self, run: "Run", out_dir: Path, t_start: float):
+        cfg = run.config
+        self.run, self.path, self.t_start = run, out_dir / "log.jsonl", t_start
+        self.scoring = bool(cfg.knn_every or cfg.knn_every_steps) and D.has_val_split(
+            cfg.dataset, cfg.data_path, cfg.holdout_per_class)
+        self.sums, self.n, self.t_row, self.t_print, self.last = {}, 0, time.perf_counter(), 0.0, None
+
+    def write(self, row: dict) -> None:
+        print0(json.dumps(row))
+        if self.run.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def knn(self) -> float:
+        return knn_monitor(self.run.model, self.run.args, self.run.device)
+
+    def first_row(self) -> float:
+        """The random-init kNN score, step 0; returns what one score costs (kept free at the end of a budget)."""
+        t0 = time.perf_counter()
+        self.write(dict(epoch=0, step=0, images_seen=0, knn_top1=self.knn(), elapsed_s=t0 - self.t_start))
+        return time.perf_counter() - t0
+
+    def knn_due(self, step: int, epochs_done: int | None, last: bool) -> bool:
+        cfg = self.run.config
+        return self.scoring and (last or bool(cfg.knn_every_steps and step % cfg.knn_every_steps == 0)
+                                 or bool(epochs_done and cfg.knn_every and epochs_done % cfg.knn_every == 0))
+
+    def add(self, out: dict) -> None:
+        self.sums = {k: self.sums.get(k, 0.0) + v for k, v in out.items()}
+        self.n += 1
+
+    def row(self, epoch: float, step: int, s: dict, batch, knn: bool) -> dict:
+        """A row of the steps since the last one; a non-finite mean on any rank raises (on every rank)."""
+        if not self.n:
+            return {}
+        means = {k: float(v) / self.n for k, v in self.sums.items()}
+        if any_rank(not all(math.isfinite(v) for v in means.values()))[0]:
+            raise NonFiniteLoss(f"non-finite loss in the steps up to {step}")
+        run = self.run
+        row = dict(epoch=epoch, step=step, images_seen=step * run.global_batch, **means, **s,
+                   img_per_s=self.n * run.global_batch / (time.perf_counter() - self.t_row),
+                   **diagnostics(run.model, batch[0].to(run.device), s["teacher_temp"]))
+        if knn:
+            row["knn_top1"] = self.knn()
+        row["elapsed_s"] = time.perf_counter() - self.t_start
+        self.write(row)
+        self.sums, self.n, self.t_row, self.last = {}, 0, time.perf_counter(), row
+        return row
+
+    def progress(self, epoch: int, step: int, total: int, out: dict, s: dict, t_epoch: float, n_epoch: int) -> None:
+        now = time.perf_counter()
+        if step % 10 and step < total and now - self.t_print <= 8:
+            return
+        eta = (total - step) * (now - t_epoch) / n_epoch
+        print0(f"epoch {epoch} step {step}/{total} loss {float(out['loss']):.3f} (cls {float(out['cls']):.3f} "
+               f"patch {float(out['patch']):.3f}) lr {s['lr']:.2e} "
+               f"{n_epoch * self.run.global_batch / (now - t_epoch):.0f} img/s {(now - self.t_start) / 60:.1f} min, "
+               f"ETA {eta / 60:.1f} min")
+        self.t_print = now
+
+
+class BudgetPacer:
+    """--budget: the schedules sized to end with it, from the step rate measured after the first two (compiling)
+    steps, on the slowest rank's clock so that every rank decides alike; `reserve` seconds are kept for what
+    follows the last step (the final kNN score, checkpoint and plot)."""
+
+    def __init__(self, budget_s: float | None, reserve: float, t_start: float, first_step: int, global_batch: int):
+        self.budget_s, self.reserve, self.t_start, self.first = budget_s, reserve, t_start, first_step
+        self.global_batch, self.t_loop = global_batch, time.perf_counter()
+
+    def __call__(self, schedules: Schedules, step: int) -> Schedules:
+        k = step - self.first
+        if not self.budget_s or k < 2:
+            return schedules
+        if k == 2:
+            self.t_loop = time.perf_counter()
+            return schedules
+        elapsed, loop_s = slowest_rank(time.perf_counter() - self.t_start, time.perf_counter() - self.t_loop)
+        schedules = schedules.within_budget(step, self.budget_s - self.reserve - elapsed, loop_s / (k - 2),
+                                            resize=k == 3 or step % 10 == 0)
+        if k == 3:
+            print0(f"budget {self.budget_s:.0f}s: about {schedules.total} steps "
+                   f"({schedules.total / schedules.steps_per_epoch:.2f} epochs) at "
+                   f"{self.global_batch * (k - 2) / loop_s:.0f} img/s")
+        return schedules
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- the loop ----
+
+
 def train(args) -> dict:
     """Run (or resume) one training run; returns a summary. Raises ValueError on bad input and NonFiniteLoss.
     With a budget, everything from the call to the final checkpoint fits in it: start-up, the kNN scores at
-    the start and the end, checkpoints."""
+    the start and the end, checkpoints. SIGTERM or Ctrl-C save the step the run is at and return."""
     t_start = getattr(args, "t_start", None) or time.perf_counter()
-    if args.benchmark:
-        import bench  # the benchmark times the same step, outside the training loop
-        return bench.benchmark(args)
-    run = setup(args)
-    model, steps_per_epoch, global_batch, rank = run.model, run.steps_per_epoch, run.global_batch, run.rank
-    out_dir, ckpt_path = Path(args.output_dir), Path(args.output_dir) / "checkpoint.pth"
-    total = args.epochs * steps_per_epoch
-    if args.max_steps:
-        total = min(total, args.max_steps)
-    schedules, step, knn_s = Schedules(args, total, steps_per_epoch, global_batch), 0, 0.0
-
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-              if k not in ("t_start", "notes")}
-    if args.resume and ckpt_path.exists():  # resume: automatic when the output folder holds a checkpoint
-        ckpt = load_for_resume(ckpt_path, config)
-        model.load_checkpoint(ckpt)
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-        run.scaler.load_state_dict(ckpt["scaler"])
-        step, knn_s = ckpt["step"], ckpt.get("knn_s", 0.0)
-        schedules = Schedules(args, ckpt["total"], steps_per_epoch, global_batch)
-        set_rng_state(ckpt["rng"])
-        print0(f"resumed from {ckpt_path} at step {step} of {schedules.total}")
-
-    def save() -> bool:
-        """Write the checkpoint atomically; never write non-finite weights over a good file."""
-        if not weights_finite(model):
-            return False
-        if rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            ckpt = model.checkpoint()
-            ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
-                        epoch=step // steps_per_epoch, step=step, total=schedules.total, train_config=config,
-                        rng=rng_state(), knn_s=knn_s)
-            save_atomic(ckpt, ckpt_path)
-        return True
-
-    def log(row):
-        print0(json.dumps(row))
-        if rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with open(out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def non_finite(where: str) -> NonFiniteLoss:
-        kept = (f"the last good checkpoint {ckpt_path} is left as it was" if ckpt_path.exists() else
-                "no checkpoint had been written yet")
-        return NonFiniteLoss(f"non-finite loss {where}; {kept}. Lower --lr or keep --clip-grad on, and see "
-                             f"README 'Results' for what makes a run unstable")
-
-    print0(f"iBOT {args.arch}/{args.patch_size} on {args.dataset} ({len(run.images)} images), {run.world} x "
-           f"{args.device}, {args.precision}, batch {global_batch}, {schedules.total} steps")
-    scoring = bool(args.knn_every or args.knn_every_steps) and D.has_val_split(args.dataset, args.data_path,
-                                                                               args.holdout_per_class)
-    if scoring and step == 0:
-        t0 = time.perf_counter()
-        log(dict(epoch=0, step=0, images_seen=0, knn_top1=knn_monitor(model, args, run.device),  # random init
-                 elapsed_s=time.perf_counter() - t_start))
-        knn_s = time.perf_counter() - t0  # what one kNN score costs, kept free at the end of a budget
-    interrupted, last_row, t_print = False, None, time.perf_counter()
-    sums, n, t_row = {}, 0, time.perf_counter()  # the means of the steps since the last row
-
-    def log_row(epoch: float, s: dict, batch, knn: bool) -> dict:
-        nonlocal sums, n, t_row
-        if not n:
-            return {}
-        means = {k: float(v) / n for k, v in sums.items()}
-        if not all_ranks_finite(list(means.values())):
-            raise non_finite(f"in the steps up to {step}")
-        row = dict(epoch=epoch, step=step, images_seen=step * global_batch, **means, **s,
-                   img_per_s=n * global_batch / (time.perf_counter() - t_row),
-                   **diagnostics(model, batch[0].to(run.device), s["teacher_temp"]))
-        if knn and scoring:
-            row["knn_top1"] = knn_monitor(model, args, run.device)
-        row["elapsed_s"] = time.perf_counter() - t_start
-        log(row)
-        sums, n, t_row = {}, 0, time.perf_counter()
-        return row
-
-    t_loop, step_at_loop = time.perf_counter(), step
-    reserve = 1.2 * knn_s + 5.0 if scoring else 5.0  # the final score, checkpoint and plot after the last step
-    completed = False
-    try:
-        while step < schedules.total:
-            epoch, start_batch = divmod(step, steps_per_epoch)
-            t_epoch, n_epoch = time.perf_counter(), 0
-            for batch in run.epoch_batches(epoch, start_batch):
-                s = schedules.at(step)
-                out = train_step(run, batch, s, step < schedules.freeze_last_layer_steps)
-                step += 1
-                sums = {k: sums.get(k, 0.0) + v for k, v in out.items()}
-                n += 1
-                n_epoch += 1
-                k = step - step_at_loop
-                if args.budget_s and k == 2:
-                    t_loop = time.perf_counter()  # the rate is measured after the first (compiling) steps
-                if args.budget_s and k >= 3:  # the slowest rank's clock, so that every rank decides alike
-                    elapsed, loop_s = slowest_rank(time.perf_counter() - t_start, time.perf_counter() - t_loop)
-                    schedules = schedules.within_budget(step, args.budget_s - reserve - elapsed, loop_s / (k - 2),
-                                                        resize=k == 3 or step % 10 == 0)
-                    if k == 3:
-                        epochs = schedules.total / steps_per_epoch
-                        print0(f"budget {args.budget_s:.0f}s: about {schedules.total} steps ({epochs:.2f} epochs) "
-                               f"at {global_batch * (k - 2) / loop_s:.0f} img/s")
-                now = time.perf_counter()
-                if step % 10 == 0 or step >= schedules.total:  # steps every rank shares: a collective check
-                    if not all_ranks_finite([float(out["loss"])]):
-                        raise non_finite(f"{float(out['loss'])} at step {step - 1}")
-                if step % 10 == 0 or step >= schedules.total or now - t_print > 8:
-                    eta = (schedules.total - step) * (now - t_epoch) / n_epoch
-                    print0(f"epoch {epoch} step {step}/{schedules.total} loss {float(out['loss']):.3f} (cls "
-                           f"{float(out['cls']):.3f} patch {float(out['patch']):.3f}) lr {s['lr']:.2e} "
-                           f"{n_epoch * global_batch / (now - t_epoch):.0f} img/s {(now - t_start) / 60:.1f} min, "
-                           f"ETA {eta / 60:.1f} min")
-                    t_print = now
-                if step >= schedules.total:
+    out_dir = Path(args.output_dir)
+    with OutputFolder(out_dir, int(os.environ.get("RANK", 0))), StopSignals() as signals:
+        run = setup(args)
+        cfg, spe = run.config, run.steps_per_epoch
+        total = min(cfg.epochs * spe, cfg.max_steps or cfg.epochs * spe)
+        config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+                  if k not in ("t_start", "notes")}
+        checkpoints = Checkpoints(run, out_dir / "checkpoint.pth", config)
+        schedules, step, knn_s = checkpoints.resume(Schedules(args, total, spe, run.global_batch))
+        log = Log(run, out_dir, t_start)
+        print0(f"iBOT {args.arch}/{args.patch_size} on {cfg.dataset} ({len(run.images)} images), {run.world} x "
+               f"{cfg.device}, {cfg.precision}, batch {run.global_batch}, {schedules.total} steps")
+        if log.scoring and step == 0:
+            knn_s = log.first_row()
+        pace = BudgetPacer(args.budget_s, 1.2 * knn_s + 5.0 if log.scoring else 5.0, t_start, step, run.global_batch)
+        stopped, completed = None, False
+        try:
+            while step < schedules.total and not stopped:
+                epoch, start_batch = divmod(step, spe)
+                t_epoch, n_epoch = time.perf_counter(), 0
+                for batch in run.epoch_batches(epoch, start_batch):
+                    s = schedules.at(step)
+                    out = train_step(run, batch, s, step < schedules.freeze_last_layer_steps)
+                    step, n_epoch = step + 1, n_epoch + 1
+                    log.add(out)
+                    schedules = pace(schedules, step)
+                    last = step >= schedules.total
+                    if step % 10 == 0 or last or (run.world == 1 and signals.received):  # what every rank shares
+                        bad, stop, save = any_rank(not math.isfinite(float(out["loss"])), bool(signals.received),
+                                                   checkpoints.due())
+                        if bad:
+                            raise checkpoints.non_finite(f"{float(out['loss'])} at step {step - 1}")
+                        if stop:
+                            stopped = signals.received or "a signal on another rank"
+                            break
+                        if save and not last and not checkpoints.save(step, schedules, knn_s):
+                            raise checkpoints.non_finite(f"weights at step {step}")
+                    log.progress(epoch, step, schedules.total, out, s, t_epoch, n_epoch)
+                    if last:
+                        break
+                    knn = log.knn_due(step, None, False)
+                    if ((cfg.log_every and step % cfg.log_every == 0) or knn) and step % spe:  # mid-epoch rows
+                        log.row(round(step / spe, 3), step, s, batch, knn)
+                if stopped:
                     break
-                knn = bool(args.knn_every_steps) and step % args.knn_every_steps == 0
-                if ((args.log_every and step % args.log_every == 0) or knn) and step % steps_per_epoch:  # mid-epoch
-                    last_row = log_row(round(step / steps_per_epoch, 3), s, batch, knn)
-            knn = ((args.knn_every and (epoch + 1) % args.knn_every == 0) or step >= schedules.total
-                   or (args.knn_every_steps and step % args.knn_every_steps == 0))
-            last_row = log_row(epoch + 1 if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 3), s,
-                               batch, knn)
-            if (epoch + 1) % args.ckpt_every == 0 or step >= schedules.total:
-                if not save():
-                    raise non_finite(f"weights at step {step}")
-        completed = True
-    except KeyboardInterrupt:
-        interrupted = True
-        if save():
-            print0(f"interrupted: saved {ckpt_path} at step {step}; run the same command again to resume")
-        else:
-            print0(f"interrupted at step {step} with non-finite weights: nothing saved"
-                   + (f"; {ckpt_path} is the last good checkpoint" if ckpt_path.exists() else ""))
-    finally:
-        if dist.is_initialized():
-            if completed:  # a collective: only when every rank got here the same way
-                check_ranks_agree(model)
-            dist.destroy_process_group()
-    if rank == 0 and (out_dir / "log.jsonl").exists():
-        import plot_run
+                epochs_done = step // spe if step % spe == 0 else None
+                log.row(epochs_done or round(step / spe, 3), step, s, batch,
+                        log.knn_due(step, epochs_done, step >= schedules.total))
+                if (epoch + 1) % cfg.ckpt_every == 0 or step >= schedules.total:
+                    if not checkpoints.save(step, schedules, knn_s):
+                        raise checkpoints.non_finite(f"weights at step {step}")
+            completed = not stopped
+        except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop's first check
+            stopped = "SIGINT"
+        finally:
+            if completed and dist.is_initialized():  # a collective: only when every rank got here the same way
+                check_ranks_agree(run.model)
+        if stopped:
+            if checkpoints.save(step, schedules, knn_s):
+                print0(f"stopped by {stopped}: saved {checkpoints.path} at step {step}; run the same command again "
+                       f"to resume")
+            else:
+                print0(f"stopped by {stopped} at step {step} with non-finite weights: nothing saved"
+                       + (f"; {checkpoints.path} is the last good checkpoint" if checkpoints.path.exists() else ""))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if run.rank == 0 and log.path.exists():
+        import plot_run  # matplotlib, only now
         plot = plot_run.plot(out_dir)
         if plot:
             print0(f"curves: {plot}")
-    return dict(steps=step, total=schedules.total, train_s=time.perf_counter() - t_start, interrupted=interrupted,
-                last=last_row)
+    return dict(steps=step, total=schedules.total, train_s=time.perf_counter() - t_start,
+                interrupted=bool(stopped), stopped_by=stopped, last=log.last)
 
 
 @torch.no_grad()
@@ -635,13 +807,11 @@ def check_ranks_agree(model: M.IBOT) -> None:
     """Every rank must end with the same teacher and centres; a silent divergence would poison the run."""
     state = [p.double().sum() for p in model.teacher.parameters()] + [model.loss.center.double().sum(),
                                                                        model.loss.patch_center.double().sum()]
-    mine = torch.stack(state).to(model.loss.center.device)
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine)
-    gap = max(float((other - mine).abs().max()) for other in gathered)
+    mine = torch.stack(state)
+    gap = max(float((other - mine).abs().max()) for other in all_gather(mine))
     if gap > 0:
         raise RuntimeError(f"ranks disagree on the teacher or the centres (max difference {gap})")
-    print0(f"{len(gathered)} ranks agree on the teacher weights and loss centres")
+    print0(f"{world_size()} ranks agree on the teacher weights and loss centres")
 
 
 @torch.no_grad()
@@ -667,18 +837,21 @@ def knn_monitor(model: M.IBOT, args, device) -> float:
 
 
 def main(argv=None, t_start: float | None = None) -> int:
+    """The command: 0 when the run ends, 128 + the signal's number when SIGTERM or Ctrl-C stopped it (its step
+    saved), 1 with one line on stderr for bad input or a non-finite loss."""
     t_start = t_start or time.perf_counter()
     try:
         args = parse_args(argv)
         args.t_start = t_start
-        train(args)
+        summary = train(args)
     except (ValueError, NonFiniteLoss) as e:
         sys.stderr.write(f"error: {e}\n")  # one write: under torchrun, the ranks' lines do not interleave
         # Free the loader's workers now: torch's re-raise of a worker's error leaves a reference cycle, and a
         # loader collected later as garbage waits 5 s per worker before it kills them.
         traceback.clear_frames(e.__traceback__)
         return 1
-    return 0
+    stopped = summary["stopped_by"]
+    return 128 + signal.Signals[stopped].value if stopped in ("SIGTERM", "SIGINT") else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Bad input and faults that users really hit (issue 13): each ends in one line that names the file or flag,
+"""Bad input and faults that users really hit: each ends in one line that names the file or flag,
 with exit code 1 and no good file changed, or is handled correctly. One section per kind of fault."""
 
 import argparse

@@ -1076,13 +1076,3 @@ def test_speedups_give_the_plain_step(shared_head, drop_path):
     assert set(grads[0]) == set(grads[1]) and "backbone.masked_embed" in grads[0]
     for name in grads[1]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
-
-
-def test_teacher_logits_read_equal_the_full_teacher():
-    model = _tiny_model(shared_head=False, seed=4)
-    global_crops, _, masks = _batch(3)
-    masks = masks.flatten(1)
-    for a, b in zip(M.teacher_logits_read(model.teacher, global_crops, masks),
-                    M.teacher_logits(model.teacher, global_crops, masks)):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
