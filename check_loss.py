@@ -24,8 +24,10 @@ Exit status: 0 when every case agrees, 1 when one does not, 2 for a usage error 
 """
 
 import argparse
+import functools
 import importlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -55,91 +57,157 @@ class UsageError(Exception):
 # ---------------------------------------------------------------------------------------------------
 # ---- the known mistakes, and the reference they mutate ----
 
+@dataclass(frozen=True)
+class Mistake:
+    what: str  # what the loss computes instead of SPEC.md's formula
+    training: str  # what that means for a training run, in one line
+
+
 MISTAKES = {
-    "cls-same-view-pairs": "pairs with u = v counted in the [CLS] term (all g(g+l) pairs, divided by g(g+l))",
-    "cls-count-g-V": "[CLS] term divided by g(g+l) instead of its g(g+l-1) pairs",
-    "cls-count-V-V1": "[CLS] term divided by (g+l)(g+l-1) instead of its g(g+l-1) pairs",
-    "patch-mean-over-batch": "patch term averaged over all masked patches of each global view, not per image",
-    "patch-mean-over-masked-images": "images with no masked patch left out of the batch mean (each adds 0 but counts)",
-    "patch-count-all-crops": "local crops counted in the patch term: its sum over the g views divided by g+l, not g",
-    "patch-across-views": "patch term pairs every student view v with every teacher view u (divided by g^2), "
-                          "not only v = u",
-    "centre-before-targets": "centres c, c' updated before the targets P_u, Q_un are made, not after",
-    "no-patch-centring": "patch targets not centred: Q_un = softmax(t_un / tau_t'), without c'",
-    "patch-centre-from-masked": "c' updated from the masked patches only, not from all patches",
-    "cls-temp-for-patches": "the [CLS] temperature tau_t used for the patch targets instead of tau_t'",
-    "teacher-not-detached": "teacher targets not detached: gradients flow into the teacher's logits",
-    "softmax-student": "softmax instead of log-softmax on the student side (both terms)",
+    "cls-same-view-pairs": Mistake(
+        "pairs with u = v counted in the [CLS] term (all g(g+l) pairs, divided by g(g+l))",
+        "the student is also taught the teacher's target for the view it sees itself, an easy pair that adds no "
+        "cross-view signal and dilutes L_cls"),
+    "cls-count-g-V": Mistake(
+        "[CLS] term divided by g(g+l) instead of its g(g+l-1) pairs",
+        "L_cls scaled by (g+l-1)/(g+l): the same as a smaller lambda1"),
+    "cls-count-V-V1": Mistake(
+        "[CLS] term divided by (g+l)(g+l-1) instead of its g(g+l-1) pairs",
+        "L_cls scaled by g/(g+l): a smaller lambda1 (1/5 of iBOT's with 2 global + 8 local crops)"),
+    "cls-count-plus-one-without-local": Mistake(
+        "[CLS] term divided by g(g-1) + 1 when there is no local crop (a max(g*l, 1) guard), not g(g-1)",
+        "only without local crops: L_cls weighs g(g-1)/(g(g-1)+1) of iBOT's (2/3 with 2 global crops), a smaller "
+        "lambda1; with local crops it is iBOT's (DINOv2 counts so)"),
+    "patch-mean-over-batch": Mistake(
+        "patch term averaged over all masked patches of each global view, not per image",
+        "images with many masked patches weigh more in L_mim and those with few less, where iBOT weighs every "
+        "image alike; the weighting follows the random mask ratio"),
+    "patch-mean-over-masked-images": Mistake(
+        "images with no masked patch left out of the batch mean (each adds 0 but counts)",
+        "L_mim grows by the inverse share of masked images (about 2x with iBOT's half of the images masked): a "
+        "larger lambda2 that changes from batch to batch"),
+    "patch-count-all-crops": Mistake(
+        "local crops counted in the patch term: its sum over the g views divided by g+l, not g",
+        "L_mim scaled by g/(g+l): a smaller lambda2 (1/5 of iBOT's with 2 global + 8 local crops)"),
+    "patch-across-views": Mistake(
+        "patch term pairs every student view v with every teacher view u (divided by g^2), not only v = u",
+        "masked patches are also taught the other view's target at the same position, which shows other image "
+        "content: a wrong target, not iBOT's masked image modeling"),
+    "centre-before-targets": Mistake(
+        "centres c, c' updated before the targets P_u, Q_un are made, not after",
+        "the targets are centred with a centre that already holds a tenth of this batch: a slightly different "
+        "centring from iBOT's, small in effect"),
+    "no-patch-centring": Mistake(
+        "patch targets not centred: Q_un = softmax(t_un / tau_t'), without c'",
+        "nothing keeps the patch targets from collapsing onto one prototype: c' is what prevents it"),
+    "patch-centre-from-masked": Mistake(
+        "c' updated from the masked patches only, not from all patches",
+        "the patch centre follows fewer tokens (a noisier mean of the same distribution), as in DINOv2 and lightly; "
+        "a small change to training"),
+    "cls-temp-for-patches": Mistake(
+        "the [CLS] temperature tau_t used for the patch targets instead of tau_t'",
+        "harmless where tau_t' follows the same schedule as tau_t (DINOv2 and lightly use one temperature); "
+        "otherwise the patch targets are sharper or flatter than iBOT's"),
+    "teacher-not-detached": Mistake(
+        "teacher targets not detached: gradients flow into the teacher's logits",
+        "harmless if the teacher runs under torch.no_grad() (or its parameters need no gradient and it only "
+        "follows the EMA); otherwise backprop trains the teacher too"),
+    "softmax-student": Mistake(
+        "softmax instead of log-softmax on the student side (both terms)",
+        "the loss is a dot product of probabilities, not a cross-entropy: another objective, and its gradients "
+        "vanish as the student's predictions sharpen"),
 }
+# Mistakes that rewrite the same line of the loss: a combination holds at most one of each group.
+SAME_LINE = (
+    {"cls-same-view-pairs", "cls-count-g-V", "cls-count-V-V1", "cls-count-plus-one-without-local"},  # [CLS] count
+    {"patch-mean-over-batch", "patch-mean-over-masked-images"},  # the mean over each view's images
+    {"patch-count-all-crops", "patch-across-views"},  # the patch term's view pairs and count
+)
+MAX_COMBINED = 4  # the search tries every compatible set of up to this many mistakes
 
 
 def reference_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks, teacher_temp: float,
-                   teacher_patch_temp: float, center, patch_center, n_global_crops: int, mistake: str | None = None):
-    """SPEC.md's formulas as plain loops, with one named mistake applied (None: none, equal to IBOTLoss).
+                   teacher_patch_temp: float, center, patch_center, n_global_crops: int, mistakes=()):
+    """SPEC.md's formulas as plain loops, with the named `mistakes` switched on (none: equal to IBOTLoss).
 
     Crop-major inputs: student_cls (VB, K), student_patch (gB, N, K_p), teacher_cls (gB, K), teacher_patch
-    (gB, N, K_p), masks (gB, N) bool; centres c (K,) and c' (K_p,). Returns ({"cls", "patch", "loss"}, the
-    centres after the call)."""
-    if mistake is not None and mistake not in MISTAKES:
-        raise ValueError(f"unknown mistake {mistake!r}; expected one of {', '.join(MISTAKES)}")
+    (gB, N, K_p), masks (gB, N) bool; centres c (K,) and c' (K_p,). Each mistake is one switch below, so any set
+    of them composes. Returns ({"cls", "patch", "loss"}, the centres after the call)."""
+    mistakes = {mistakes} if isinstance(mistakes, str) else set(mistakes)
+    if unknown := sorted(mistakes - MISTAKES.keys()):
+        raise ValueError(f"unknown mistake {unknown[0]!r}; expected one of {', '.join(MISTAKES)}")
     g, B = n_global_crops, teacher_cls.shape[0] // n_global_crops
     V = student_cls.shape[0] // B
-    if mistake != "teacher-not-detached":
+    if "teacher-not-detached" not in mistakes:
         teacher_cls, teacher_patch = teacher_cls.detach(), teacher_patch.detach()  # targets: no gradient
     m = masks.view(g, B, -1).float()  # m_un
 
     # c <- m c + (1 - m) mean_rows t_u ;  c' <- m c' + (1 - m) mean_rows mean_n t_un   (all patches)
-    patch_mean = teacher_patch[masks].mean(0) if mistake == "patch-centre-from-masked" else teacher_patch.mean((0, 1))
+    if "patch-centre-from-masked" in mistakes:
+        patch_mean = teacher_patch[masks].mean(0)
+    else:
+        patch_mean = teacher_patch.mean((0, 1))
     new_center = MOMENTUM * center + (1 - MOMENTUM) * teacher_cls.detach().mean(0)
     new_patch_center = MOMENTUM * patch_center + (1 - MOMENTUM) * patch_mean.detach()
-    if mistake == "centre-before-targets":
+    if "centre-before-targets" in mistakes:
         center, patch_center = new_center, new_patch_center
-    if mistake == "no-patch-centring":
+    if "no-patch-centring" in mistakes:
         patch_center = torch.zeros_like(patch_center)
-    patch_temp = teacher_temp if mistake == "cls-temp-for-patches" else teacher_patch_temp
+    patch_temp = teacher_temp if "cls-temp-for-patches" in mistakes else teacher_patch_temp
 
     P = F.softmax((teacher_cls - center) / teacher_temp, dim=-1).view(g, B, -1)  # P_u = softmax((t_u - c) / tau_t)
     Q = F.softmax((teacher_patch - patch_center) / patch_temp, dim=-1).view(g, B, *teacher_patch.shape[1:])  # Q_un
-    log_p = F.softmax if mistake == "softmax-student" else F.log_softmax
+    log_p = F.softmax if "softmax-student" in mistakes else F.log_softmax
     s = log_p(student_cls / STUDENT_TEMP, dim=-1).view(V, B, -1)  # log softmax(s_v / tau_s)
     s_patch = log_p(student_patch / STUDENT_TEMP, dim=-1).view(g, B, *student_patch.shape[1:])
 
     # L_cls = 1/(g(V-1)) sum_{u<=g} sum_{v != u} mean_batch[-P_u . log softmax(s_v / tau_s)]
-    pairs = [(u, v) for u in range(g) for v in range(V) if v != u or mistake == "cls-same-view-pairs"]
-    n_pairs = {"cls-count-g-V": g * V, "cls-count-V-V1": V * (V - 1)}.get(mistake, len(pairs))
+    pairs = [(u, v) for u in range(g) for v in range(V) if v != u or "cls-same-view-pairs" in mistakes]
+    n_pairs = len(pairs)
+    if "cls-count-g-V" in mistakes:
+        n_pairs = g * V
+    if "cls-count-V-V1" in mistakes:
+        n_pairs = V * (V - 1)
+    if "cls-count-plus-one-without-local" in mistakes and V == g:
+        n_pairs = g * (g - 1) + 1
     loss_cls = sum(-(P[u] * s[v]).sum(-1).mean() for u, v in pairs) / n_pairs
 
     # L_mim = 1/g sum_{u<=g} mean_batch[sum_n m_un (-Q_un . log softmax(s_un / tau_s)) / max(1, sum_n m_un)]
-    across = mistake == "patch-across-views"
+    across = "patch-across-views" in mistakes
     pairs = [(u, v) for u in range(g) for v in range(g) if u == v or across]
     loss_patch = 0.0
     for u, v in pairs:  # teacher view u, student view v (masked by m_v)
         ce = (-(Q[u] * s_patch[v]).sum(-1) * m[v]).sum(-1)  # (B,) summed over the masked patches of each image
-        if mistake == "patch-mean-over-batch":
+        if "patch-mean-over-batch" in mistakes:
             loss_patch = loss_patch + ce.sum() / m[v].sum().clamp(min=1)
-        elif mistake == "patch-mean-over-masked-images":
+        elif "patch-mean-over-masked-images" in mistakes:
             has_mask = m[v].sum(-1) > 0
             loss_patch = loss_patch + (ce / m[v].sum(-1).clamp(min=1))[has_mask].sum() / has_mask.sum().clamp(min=1)
         else:
             loss_patch = loss_patch + (ce / m[v].sum(-1).clamp(min=1)).mean()
-    loss_patch = loss_patch / {"patch-count-all-crops": V, "patch-across-views": g * g}.get(mistake, g)
+    n_patch_views = g * g if across else V if "patch-count-all-crops" in mistakes else g
+    loss_patch = loss_patch / n_patch_views
     return {"cls": loss_cls, "patch": loss_patch, "loss": loss_cls + loss_patch}, new_center, new_patch_center
+
+
+def compatible(mistakes) -> bool:
+    """At most one mistake from each group of SAME_LINE."""
+    return all(len(group.intersection(mistakes)) <= 1 for group in SAME_LINE)
 
 
 class MutatedReference(nn.Module):
     """reference_loss with its centres kept between calls, as a loss object with IBOTLoss's call signature."""
 
-    def __init__(self, out_dim: int, patch_out_dim: int, n_global_crops: int, n_local_crops: int,
-                 mistake: str | None = None):
+    def __init__(self, out_dim: int, patch_out_dim: int, n_global_crops: int, n_local_crops: int, mistakes=()):
         super().__init__()
-        self.n_global_crops, self.mistake = n_global_crops, mistake
+        self.n_global_crops, self.mistakes = n_global_crops, mistakes
         self.register_buffer("center", torch.zeros(out_dim))  # c
         self.register_buffer("patch_center", torch.zeros(patch_out_dim))  # c'
 
     def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, masks, teacher_temp, teacher_patch_temp):
         terms, self.center, self.patch_center = reference_loss(
             student_cls, student_patch, teacher_cls, teacher_patch, masks, teacher_temp, teacher_patch_temp,
-            self.center, self.patch_center, self.n_global_crops, self.mistake)
+            self.center, self.patch_center, self.n_global_crops, self.mistakes)
         return terms
 
 
@@ -174,9 +242,10 @@ CASES = (
 LOGITS = ("student_cls", "student_patch", "teacher_cls", "teacher_patch")  # the differentiable inputs, in order
 
 
+@functools.lru_cache(maxsize=None)
 def case_inputs(case: Case, index: int, call: int) -> dict[str, torch.Tensor]:
-    """Seeded crop-major fp32 inputs of one call. The teacher's logits share a per-prototype offset across calls,
-    so the centres grow from call to call and a mistake in centring shows."""
+    """Seeded crop-major fp32 inputs of one call, made once (observe hands out copies). The teacher's logits share
+    a per-prototype offset across calls, so the centres grow from call to call and a mistake in centring shows."""
     offset_gen = torch.Generator().manual_seed(index)
     offset_cls, offset_patch = torch.randn(case.K, generator=offset_gen), torch.randn(case.K_p, generator=offset_gen)
     gen = torch.Generator().manual_seed(1000 * index + call)
@@ -221,7 +290,7 @@ def observe(loss, inputs: dict[str, torch.Tensor], case: Case, layout: str = "of
     total w.r.t. the four logit inputs (zero where none flows), and its centres (flattened) where it exposes them."""
     V, g = case.g + case.l, case.g
     views = {"student_cls": V, "student_patch": g, "teacher_cls": g, "teacher_patch": g, "masks": g}
-    args = {name: to_layout(x, views[name], layout) for name, x in inputs.items()}
+    args = {name: to_layout(x.clone(), views[name], layout) for name, x in inputs.items()}
     leaves = {}
     for name in LOGITS:  # the teacher's too: a target that is not detached shows in their gradients
         leaves[name] = [x.clone().requires_grad_() for x in (args[name] if layout == "per-crop" else [args[name]])]
@@ -294,10 +363,13 @@ def check(factory, layout: str = "official") -> dict:
             not_compared |= expected.keys() - yours.keys()
             rows += [row(case, call, term, yours[term], expected[term]) for term in expected if term in yours]
     ok = all(r["ok"] for r in rows)
+    bad_terms = {r["term"] for r in rows if not r["ok"]}
+    differing = [term for term in dict.fromkeys(r["term"] for r in rows) if term in bad_terms]  # in table order
+    explanations = [] if ok else [attribute(found, records, differing) for found in explain(records)]
     return {"ok": ok, "layout": layout, "rtol": RTOL, "atol": ATOL, "calls_per_case": CALLS,
             "cases": [asdict(case) for case in CASES], "not_compared": sorted(not_compared), "rows": rows,
-            "mistakes": [] if ok else [{"name": name, "what": MISTAKES[name]} for name in MISTAKES
-                                       if reproduces(name, records)]}
+            "max_combined": MAX_COMBINED, "explanations": explanations,
+            "mistakes": sorted({m["name"] for found in explanations for m in found})}
 
 
 def row(case: Case, call: int, term: str, yours: torch.Tensor, ours: torch.Tensor) -> dict:
@@ -311,16 +383,47 @@ def row(case: Case, call: int, term: str, yours: torch.Tensor, ours: torch.Tenso
             "max_abs_diff": diff, "finite": bool(yours.isfinite().all()), "ok": agrees(yours, ours)}
 
 
-def reproduces(mistake: str, records: list[dict]) -> bool:
-    """Does the reference with `mistake` applied give every number recorded from the user's loss?"""
-    records = iter(records)
+# ---------------------------------------------------------------------------------------------------
+# ---- naming the deviations: the smallest sets of mistakes that reproduce every number, and what each explains ----
+
+
+def replay(mistakes):
+    """The reference with `mistakes` on, observed call by call in the order check records the user's loss."""
     for index, case in enumerate(CASES):
-        mutated = MutatedReference(case.K, case.K_p, case.g, case.l, mistake)
+        mutated = MutatedReference(case.K, case.K_p, case.g, case.l, mistakes)
         for call in range(1, CALLS + 1):
-            yours, theirs = next(records), observe(mutated, case_inputs(case, index, call), case)
-            if not all(agrees(yours[term], theirs[term]) for term in yours):
-                return False
-    return True
+            yield observe(mutated, case_inputs(case, index, call), case)
+
+
+def reproduces(mistakes, records: list[dict]) -> bool:
+    """Does the reference with `mistakes` on give every number recorded from the user's loss? Stops at the first
+    that differs, so a wrong guess costs about one call."""
+    return all(all(agrees(yours[term], theirs[term]) for term in yours)
+               for yours, theirs in zip(records, replay(mistakes)))
+
+
+def explain(records: list[dict]) -> list[tuple[str, ...]]:
+    """Every smallest set of compatible MISTAKES (up to MAX_COMBINED of them) that reproduces all the records:
+    one set when the cases tell the candidates apart, several when they cannot, none when nothing known fits."""
+    for size in range(1, MAX_COMBINED + 1):
+        found = [combo for combo in itertools.combinations(MISTAKES, size)
+                 if compatible(combo) and reproduces(combo, records)]
+        if found:
+            return found
+    return []
+
+
+def attribute(mistakes: tuple[str, ...], records: list[dict], differing: list[str]) -> list[dict]:
+    """For each mistake of a set that reproduces the records: the differing terms it explains, those that stop
+    matching the user's numbers when it alone is switched off."""
+    named = []
+    for mistake in mistakes:
+        rest = [m for m in mistakes if m != mistake]
+        lost = {term for yours, theirs in zip(records, replay(rest)) for term in yours
+                if not agrees(yours[term], theirs[term])}
+        named.append({"name": mistake, "what": MISTAKES[mistake].what, "training": MISTAKES[mistake].training,
+                      "explains": [term for term in differing if term in lost]})
+    return named
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -383,10 +486,24 @@ def print_report(report: dict) -> None:
         return
     failed = len({r["case"] for r in report["rows"] if not r["ok"]})
     print(f"FAIL: {failed} of {len(report['cases'])} cases differ (--layout {report['layout']})")
-    for mistake in report["mistakes"]:
-        print(f"likely mistake: {mistake['name']}: {mistake['what']}")
-    if not report["mistakes"]:
-        print("no known mistake matches (see MISTAKES in check_loss.py); start from the first DIFFERS row above")
+    explanations = report["explanations"]
+    if not explanations:
+        print(f"no known mistake, nor any set of up to {report['max_combined']}, reproduces your numbers (see "
+              "MISTAKES in check_loss.py); start from the first DIFFERS row above")
+        return
+    if len(explanations) > 1:
+        print(f"{len(explanations)} sets of known mistakes reproduce every number alike (these cases cannot tell "
+              "them apart); one of them:")
+    for number, found in enumerate(explanations, 1):
+        if len(explanations) > 1:
+            print(f"set {number}: {', '.join(m['name'] for m in found)}")
+        elif len(found) > 1:
+            print(f"{len(found)} deviations, which together reproduce every number:")
+        for mistake in found:
+            say = functools.partial(textwrap.fill, width=116, subsequent_indent="    ")
+            print(say(f"{'deviation' if len(found) > 1 else 'likely mistake'}: {mistake['name']}: {mistake['what']}"))
+            print(say(f"  explains: {', '.join(mistake['explains']) or 'nothing alone (only with the others)'}"))
+            print(say(f"  in training: {mistake['training']}"))
 
 
 def main(argv: list[str] | None = None) -> int:
