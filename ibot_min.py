@@ -7,8 +7,8 @@ A student ViT learns to match an EMA teacher on two tasks at once:
 
 Read top to bottom: config and architectures, ViT, masking, head, loss, teacher update and schedules,
 multi-crop views (per image, with PIL: the definition), the student as one module and the training-step
-module, kNN evaluation (checkpoints.py reads the files users bring). ../shared/SPEC.md (or the paper) states every formula; the symbols
-in the comments (P_u, Q_un, tau_t, lambda2, ...) are the paper's. Beside it, and not needed to read it:
+module, the speed-ups (tested equal to the plain step), kNN evaluation. docs/method.md (or the paper) states
+every formula; the symbols in the comments (P_u, Q_un, tau_t, lambda2, ...) are the paper's. Beside it, and not needed to read it:
 batched_views.py draws the same views for a whole batch on the device (the fast data path), data.py reads
 datasets, train.py / bench.py / eval_linear.py / check_loss.py run it.
 """
@@ -381,7 +381,7 @@ class IBOTHead(nn.Module):
 
 
 class IBOTLoss(nn.Module):
-    """L = lambda1 * L_cls + lambda2 * L_mim, with centred, sharpened teacher targets (SPEC.md, "Loss").
+    """L = lambda1 * L_cls + lambda2 * L_mim, with centred, sharpened teacher targets (docs/method.md, "Loss").
 
     Inputs are crop-major (all images of crop 0, then crop 1, ...; global crops first), patches row-major.
     The loss runs in fp32, uses the centres as they were before the call, then updates them by EMA.

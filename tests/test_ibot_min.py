@@ -1,4 +1,4 @@
-"""Tests for ibot_min: a slow reference loss written from SPEC.md, properties of the pure functions
+"""Tests for ibot_min: a slow reference loss written from docs/method.md, properties of the pure functions
 (hypothesis, few examples, no deadline), and small end-to-end checks of the networks and loaders.
 
 Everything is seeded; the whole file runs in well under a minute and a half on two CPU cores.
@@ -50,7 +50,7 @@ def _softmax64(x: torch.Tensor) -> torch.Tensor:
 
 def reference_ibot_loss(s_cls, s_patch, t_cls, t_patch, masks, g, l, tau_t, tau_t_patch, center, patch_center,
                         tau_s=0.1, lambda1=1.0, lambda2=1.0, momentum=0.9, patch_momentum=0.9):
-    """SPEC.md "Loss", verbatim, one crop / image / patch at a time, float64.
+    """docs/method.md "Loss", verbatim, one crop / image / patch at a time, float64.
 
     s_cls ((g+l)B, K), s_patch (gB, N, Kp), t_cls (gB, K), t_patch (gB, N, Kp), masks (gB, N) bool,
     center (1, K), patch_center (1, 1, Kp). Returns (cls, patch, loss, new center, new patch_center).
@@ -368,7 +368,7 @@ def test_no_masks_no_patch_loss(gl, B, N, K, seed):
 
 
 def test_no_gradient_reaches_the_teacher_inputs():
-    """P_u and Q_un are targets: SPEC.md says 'no gradient' (the official code detaches them)."""
+    """P_u and Q_un are targets: docs/method.md says 'no gradient' (the official code detaches them)."""
     g, l, B, N, K = 2, 2, 3, 4, 6
     s_cls, s_patch, t_cls, t_patch, masks = make_inputs(0, g, l, B, N, K, K, p_mask=0.5)
     t_cls.requires_grad_(True)
@@ -744,7 +744,7 @@ def test_cosine_schedule(base, final, start, total, warmup):
 
 
 def test_cosine_schedule_clipped_warmup():
-    """SPEC.md: 'clips every warm-up to the run length and ends every schedule exactly at its final value'."""
+    """docs/method.md: 'clips every warm-up to the run length and ends every schedule exactly at its final value'."""
     s = M.cosine_schedule(1.0, 0.25, total_steps=5, warmup_steps=10, warmup_start=0.0)
     assert s.shape == (5,)  # no crash and the right length (the official code fails its assert here)
     assert float(s[-1]) == 0.25, s.tolist()
@@ -773,7 +773,7 @@ def test_linear_warmup_recipe_and_short_runs():
     assert float(s[0]) == 0.04 and float(s[29]) == 0.07 and float(s[28]) < 0.07 and torch.all(s[29:] == 0.07)
     held = M.linear_warmup(0.04, 0.07, warmup_steps=30, total_steps=100, hold_steps=10)
     assert torch.all(held[:11] == 0.04) and float(held[39]) == 0.07
-    # a run shorter than the ramp is clipped and still ends at its final value (SPEC.md)
+    # a run shorter than the ramp is clipped and still ends at its final value (docs/method.md)
     assert float(M.linear_warmup(0.04, 0.07, warmup_steps=30, total_steps=5)[-1]) == 0.07
     assert float(M.linear_warmup(0.04, 0.07, warmup_steps=30, total_steps=1)[-1]) == 0.07
 
