@@ -1,9 +1,11 @@
 """Tests for check_loss.py: its mutated reference equals IBOTLoss when no mistake is applied (hypothesis), IBOTLoss
-passes in every layout, every known mistake is named (from the mutated reference and from a loss written
-independently in the official code's style), and the command line's output, JSON and usage errors.
+passes in every layout, every known mistake is named alone, in pairs and in triples, with the terms it explains
+(from the mutated reference and from a loss written independently in the official code's style), the verdicts on
+DINOv2's and lightly's iBOT losses, and the command line's output, JSON and usage errors.
 """
 
 import functools
+import itertools
 import json
 import subprocess
 import sys
@@ -64,22 +66,22 @@ class PerCropIBOT(M.IBOTLoss):
 
 class OfficialStyleLoss(nn.Module):
     """A loss written as the official iBOT code writes it (loops over chunked crops, centres `center` (1, K) and
-    `center2` (1, 1, K_p)), where `mistake` switches on one of the known mistakes in the way a user would make it,
-    or "no-clamp", which is not among them: 0/0 for an image without a masked patch."""
+    `center2` (1, 1, K_p)), where `mistakes` switches on known mistakes in the way a user would make them, or
+    "no-clamp", which is not among them: 0/0 for an image without a masked patch."""
 
-    def __init__(self, out_dim, patch_out_dim, n_global_crops, n_local_crops, mistake=None):
+    def __init__(self, out_dim, patch_out_dim, n_global_crops, n_local_crops, mistakes=()):
         super().__init__()
-        self.g, self.V, self.mistake = n_global_crops, n_global_crops + n_local_crops, mistake
+        self.g, self.V, self.mistakes = n_global_crops, n_global_crops + n_local_crops, set(mistakes)
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("center2", torch.zeros(1, 1, patch_out_dim))
 
     def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, masks, teacher_temp, teacher_patch_temp):
-        if self.mistake == "centre-before-targets":
+        if "centre-before-targets" in self.mistakes:
             self.update_center(teacher_cls, teacher_patch)
-        if self.mistake != "teacher-not-detached":
+        if "teacher-not-detached" not in self.mistakes:
             teacher_cls, teacher_patch = teacher_cls.detach(), teacher_patch.detach()
-        log_p = F.softmax if self.mistake == "softmax-student" else F.log_softmax
-        center2 = 0 if self.mistake == "no-patch-centring" else self.center2
+        log_p = F.softmax if "softmax-student" in self.mistakes else F.log_softmax
+        center2 = 0 if "no-patch-centring" in self.mistakes else self.center2
         student_cls_c = (student_cls / 0.1).chunk(self.V)
         student_patch_c = (student_patch / 0.1).chunk(self.g)
         teacher_cls_c = F.softmax((teacher_cls - self.center) / teacher_temp, dim=-1).chunk(self.g)
@@ -92,19 +94,19 @@ class OfficialStyleLoss(nn.Module):
                 if v == q:
                     loss2 = torch.sum(-teacher_patch_c[q] * log_p(student_patch_c[v], dim=-1), dim=-1)
                     mask = masks_c[v]
-                    if self.mistake == "patch-mean-over-batch":
+                    if "patch-mean-over-batch" in self.mistakes:
                         total2 = total2 + (loss2 * mask).sum() / mask.sum().clamp(min=1.0)
                     else:
-                        masked = mask.sum(dim=-1) if self.mistake == "no-clamp" else mask.sum(dim=-1).clamp(min=1.0)
+                        masked = mask.sum(dim=-1) if "no-clamp" in self.mistakes else mask.sum(dim=-1).clamp(min=1.0)
                         total2 = total2 + (torch.sum(loss2 * mask, dim=-1) / masked).mean()
                     n2 += 1
-                    if self.mistake != "cls-same-view-pairs":
+                    if "cls-same-view-pairs" not in self.mistakes:
                         continue
                 loss1 = torch.sum(-teacher_cls_c[q] * log_p(student_cls_c[v], dim=-1), dim=-1)
                 total1 = total1 + loss1.mean()
                 n1 += 1
         total1, total2 = total1 / n1, total2 / n2
-        if self.mistake != "centre-before-targets":
+        if "centre-before-targets" not in self.mistakes:
             self.update_center(teacher_cls, teacher_patch)
         return {"cls": total1, "patch": total2, "loss": total1 + total2}
 
@@ -165,7 +167,7 @@ def test_layouts_round_trip_and_order_rows(views, B, layout):
 
 def test_unknown_mistake_is_refused():
     with pytest.raises(ValueError, match="unknown mistake 'cls-typo'; expected one of cls-same-view-pairs"):
-        cl.MutatedReference(4, 4, 1, 1, "cls-typo")(*[torch.zeros(2, 4), torch.zeros(1, 1, 4), torch.zeros(1, 4),
+        cl.MutatedReference(4, 4, 1, 1, ["cls-typo"])(*[torch.zeros(2, 4), torch.zeros(1, 1, 4), torch.zeros(1, 4),
                                                        torch.zeros(1, 1, 4)], torch.ones(1, 1, dtype=torch.bool),
                                                      0.04, 0.04)
 
@@ -200,41 +202,81 @@ def test_a_total_without_terms_or_centres_is_checked_on_what_it_gives():
 
 
 # ---------------------------------------------------------------------------------------------------
-# ---- 3. every known mistake is named, and only it ----
+# ---- 3. every known mistake is named, alone and in pairs, with the terms it explains ----
+
+COMPATIBLE_PAIRS = [pair for pair in itertools.combinations(cl.MISTAKES, 2) if cl.compatible(pair)]
+
+
+def named_sets(report):
+    return [tuple(m["name"] for m in found) for found in report["explanations"]]
 
 
 @pytest.mark.parametrize("mistake", list(cl.MISTAKES))
 def test_each_mutation_is_named_alone(mistake):
-    report = cl.check(functools.partial(cl.MutatedReference, mistake=mistake))
+    report = cl.check(functools.partial(cl.MutatedReference, mistakes=[mistake]))
     assert not report["ok"]
-    assert [m["name"] for m in report["mistakes"]] == [mistake]
+    assert named_sets(report) == [(mistake,)] and report["mistakes"] == [mistake]
+    (named,) = report["explanations"][0]
+    assert named["explains"] and named["training"] == cl.MISTAKES[mistake].training
 
 
-@pytest.mark.parametrize("mistake", ["cls-same-view-pairs", "patch-mean-over-batch", "centre-before-targets",
-                                     "no-patch-centring", "teacher-not-detached", "softmax-student"])
-def test_hand_written_mistakes_are_named(mistake):
-    report = cl.check(functools.partial(OfficialStyleLoss, mistake=mistake))
+@settings(max_examples=25, deadline=None)
+@given(pair=st.sampled_from(COMPATIBLE_PAIRS))
+def test_two_mutations_are_both_named(pair):
+    report = cl.check(functools.partial(cl.MutatedReference, mistakes=pair))
+    assert named_sets(report) == [pair]  # both, and no other set of up to MAX_COMBINED fits
+    assert all(m["explains"] for m in report["explanations"][0])  # each explains some difference of its own
+
+
+@settings(max_examples=4, deadline=None)
+@given(triple=st.sampled_from([t for t in itertools.combinations(cl.MISTAKES, 3) if cl.compatible(t)]))
+def test_three_mutations_are_all_named(triple):
+    report = cl.check(functools.partial(cl.MutatedReference, mistakes=triple))
+    assert named_sets(report) == [triple]
+
+
+def test_mistakes_of_one_line_are_not_combined():
+    assert len(COMPATIBLE_PAIRS) < len(cl.MISTAKES) * (len(cl.MISTAKES) - 1) // 2
+    assert not cl.compatible(("cls-count-g-V", "cls-count-V-V1"))
+    assert cl.compatible(("cls-count-g-V", "patch-mean-over-batch", "teacher-not-detached"))
+
+
+def test_each_deviation_explains_its_own_terms():
+    report = cl.check(functools.partial(cl.MutatedReference, mistakes=("cls-count-g-V", "teacher-not-detached")))
+    explains = {m["name"]: m["explains"] for m in report["explanations"][0]}
+    assert explains == {"cls-count-g-V": ["loss", "cls", "grad student_cls", "grad teacher_cls"],
+                        "teacher-not-detached": ["grad teacher_cls", "grad teacher_patch"]}
+
+
+@pytest.mark.parametrize("mistakes", [("cls-same-view-pairs",), ("patch-mean-over-batch",), ("centre-before-targets",),
+                                      ("no-patch-centring",), ("teacher-not-detached",), ("softmax-student",),
+                                      ("patch-mean-over-batch", "teacher-not-detached"),
+                                      ("cls-same-view-pairs", "centre-before-targets", "no-patch-centring")])
+def test_hand_written_mistakes_are_named(mistakes):
+    report = cl.check(functools.partial(OfficialStyleLoss, mistakes=mistakes))
     assert not report["ok"]
-    assert [m["name"] for m in report["mistakes"]] == [mistake]
+    assert named_sets(report) == [tuple(m for m in cl.MISTAKES if m in mistakes)]
 
 
 def test_teacher_gradients_alone_reveal_an_undetached_target():
-    report = cl.check(functools.partial(OfficialStyleLoss, mistake="teacher-not-detached"))
+    report = cl.check(functools.partial(OfficialStyleLoss, mistakes=["teacher-not-detached"]))
     bad = {r["term"] for r in report["rows"] if not r["ok"]}
     assert bad == {"grad teacher_cls", "grad teacher_patch"}
 
 
-def test_an_unknown_mistake_is_reported_as_such():
+def test_an_unknown_mistake_is_reported_as_such(capsys):
     class DoubledPatch(M.IBOTLoss):
         def forward(self, *args):
             out = super().forward(*args)
             return {"cls": out["cls"], "patch": 2 * out["patch"], "loss": out["cls"] + 2 * out["patch"]}
     report = cl.check(DoubledPatch)
-    assert not report["ok"] and report["mistakes"] == []
+    assert not report["ok"] and report["explanations"] == [] and report["mistakes"] == []
+    cl.print_report(report)
+    assert f"nor any set of up to {cl.MAX_COMBINED}, reproduces your numbers" in capsys.readouterr().out
 
 
 def test_a_nan_is_shown_and_kept_out_of_the_json(capsys):
-    report = cl.check(functools.partial(OfficialStyleLoss, mistake="no-clamp"))  # 0/0 for an image without masks
+    report = cl.check(functools.partial(OfficialStyleLoss, mistakes=["no-clamp"]))  # 0/0 for an image without masks
     assert not report["ok"] and report["mistakes"] == []
     assert {r["case"] for r in report["rows"] if not r["finite"]} == {"unmasked and fully masked images"}
     json.loads(json.dumps(report, allow_nan=False))
@@ -243,7 +285,47 @@ def test_a_nan_is_shown_and_kept_out_of_the_json(capsys):
 
 
 # ---------------------------------------------------------------------------------------------------
-# ---- 4. the command line ----
+# ---- 4. real libraries: lightly's losses (where installed) and DINOv2's, restated from its source ----
+
+FIXTURES = ROOT / "tests" / "fixtures_loss"
+
+
+@pytest.fixture
+def restore_path(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # load_factory adds the file's folder
+
+
+@pytest.mark.parametrize("factory, expected", [
+    ("make_loss", ("cls-count-plus-one-without-local", "patch-centre-from-masked")),
+    ("make_loss_one_temperature", ("cls-count-plus-one-without-local", "patch-centre-from-masked",
+                                   "cls-temp-for-patches")),
+])
+def test_dinov2_verdicts(restore_path, factory, expected):
+    report = cl.check(cl.load_factory(f"{FIXTURES / 'dinov2_ibot.py'}:{factory}"))
+    assert named_sets(report) == [expected]
+    explains = {m["name"]: m["explains"] for m in report["explanations"][0]}
+    assert explains["cls-count-plus-one-without-local"] == ["loss", "cls", "grad student_cls"]
+    bad_cases = {r["case"] for r in report["rows"] if not r["ok"] and r["term"] == "cls"}
+    assert bad_cases == {"2 global, no local"}  # the only case without local crops
+
+
+@pytest.mark.parametrize("factory, expected", [
+    ("make_loss", ("patch-centre-from-masked", "teacher-not-detached")),
+    ("make_loss_detached", ("patch-centre-from-masked",)),
+    ("make_loss_one_temperature", ("patch-centre-from-masked", "cls-temp-for-patches", "teacher-not-detached")),
+])
+def test_lightly_verdicts(restore_path, capsys, factory, expected):
+    pytest.importorskip("lightly", reason="lightly is not installed (pip install lightly)")
+    report = cl.check(cl.load_factory(f"{FIXTURES / 'lightly_ibot.py'}:{factory}"), "per-crop")
+    assert named_sets(report) == [expected]
+    cl.print_report(report)
+    out = " ".join(capsys.readouterr().out.replace("\n    ", " ").split())  # lines unwrapped
+    assert "in training: the patch centre follows fewer tokens" in out and "as in DINOv2 and lightly" in out
+    assert ("in training: harmless if the teacher runs under torch.no_grad()" in out) == ("teacher-not-detached" in expected)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- 5. the command line ----
 
 WRONG_LOSS = '''
 import ibot_min as M
@@ -286,7 +368,8 @@ def test_cli_passes_ibot_loss_and_names_a_mistake(user_file):
     wrong = run([sys.executable, str(ROOT / "check_loss.py"), "my_loss:make_loss", "--json"])  # importable name
     assert wrong.returncode == 1, wrong.stderr
     report = json.loads(wrong.stdout)
-    assert not report["ok"] and [m["name"] for m in report["mistakes"]] == ["cls-temp-for-patches"]
+    assert not report["ok"] and report["mistakes"] == ["cls-temp-for-patches"]
+    assert report["explanations"][0][0]["training"] == cl.MISTAKES["cls-temp-for-patches"].training
 
 
 def test_table_names_the_mistake(user_file, capsys):
