@@ -255,10 +255,10 @@ def test_no_masks_before_pred_start_epoch(tmp_path):
 def test_a_budget_is_mostly_used_and_ends_at_the_presets_final_values(tmp_path):
     budget, out = 14.0, tmp_path / "run"
     args = train.parse_args(TINY + ["--batch-size", "8", "--epochs", "1000", "--budget", f"{budget}s",
-                                    "--output-dir", str(out)])
+                                    "--device-augment", "--output-dir", str(out)])
     final = vars(copy.copy(args))  # the preset's values, read before the run changes anything
     summary = train.train(args)
-    assert 0.6 * budget < summary["train_s"] < budget + 2  # neither stopped early nor late
+    assert 0.6 * budget < summary["train_s"] < budget + 3  # neither stopped early nor late (a step past at most)
     assert summary["steps"] == summary["total"] >= 3  # past the steps that measure the rate
     last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert last["step"] == summary["steps"]
