@@ -31,6 +31,7 @@ import itertools
 import json
 import math
 import os
+import random
 import sys
 import textwrap
 from dataclasses import asdict, dataclass
@@ -40,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ibot_min import IBOTLoss
+from ibot_min import IBOTLoss, block_mask
 
 # Measured on CASES: three correct losses written differently (official loops, plain-loop reference, IBOTLoss's
 # one-pass sum) stay within 2% of this tolerance everywhere; every one of MISTAKES exceeds it over 3,000 times.
@@ -427,6 +428,140 @@ def attribute(mistakes: tuple[str, ...], records: list[dict], differing: list[st
 
 
 # ---------------------------------------------------------------------------------------------------
+# ---- masks: your block masking against ibot_min.block_mask, over many draws ----
+
+MASK_GRIDS = ((14, 14), (8, 8))  # patches of ViT-*/16 at 224 px and of ViT/4 at 32 px (CIFAR)
+MASK_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+MASK_DRAWS = 400  # per grid and ratio: standard errors of about 1% of the masked fraction's spread
+MASK_Z = 4.0  # a statistic differs when yours and ours lie more than 4 standard errors apart
+MASK_MARGIN = 0.05  # and more than 5% apart (0.005 for the masked fraction and its spread): a difference that matters
+MASK_STATISTICS = ("masked fraction", "spread", "blocks per mask", "patches per block", "|log aspect|")
+
+
+def draw_masks(mask_fn, height: int, width: int, ratio: float, draws: int, seed: int) -> torch.Tensor:
+    """`draws` masks mask_fn(height, width, ratio) -> (draws, height, width) bool, with torch's, Python's and (where
+    installed) numpy's global generators seeded, and restored afterwards."""
+    state = random.getstate()
+    numpy = sys.modules.get("numpy")
+    numpy_state = numpy.random.get_state() if numpy else None
+    masks = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        if numpy:
+            numpy.random.seed(seed)
+        try:
+            for _ in range(draws):
+                masks.append(torch.as_tensor(mask_fn(height, width, ratio)))
+        except Exception as error:
+            raise UsageError(f"your mask function raised {type(error).__name__}: {error} (height {height}, width "
+                             f"{width}, ratio {ratio})") from None
+        finally:
+            random.setstate(state)
+            if numpy:
+                numpy.random.set_state(numpy_state)
+    mask = masks[0]
+    if mask.shape != (height, width) or not (mask.dtype == torch.bool or set(mask.unique().tolist()) <= {0, 1}):
+        raise UsageError(f"your mask function returned {mask.dtype} {tuple(mask.shape)} for height {height}, width "
+                         f"{width}; expected a bool ({height}, {width}) mask")
+    return torch.stack(masks).bool()
+
+
+def label_blocks(masks: torch.Tensor) -> torch.Tensor:
+    """(n, H, W) bool -> (n, H, W) long: 0 where unmasked, one id per block (4-connected masked patches): each patch
+    takes the largest id among itself and its masked neighbours until nothing changes."""
+    n, H, W = masks.shape
+    labels = torch.where(masks, torch.arange(1, n * H * W + 1).view(n, H, W), 0)
+    while True:
+        p = F.pad(labels, (1, 1, 1, 1))
+        grown = torch.stack([labels, p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2], p[:, 1:-1, 2:]]).amax(0)
+        grown = torch.where(masks, grown, 0)
+        if torch.equal(grown, labels):
+            return labels
+        labels = grown
+
+
+def mask_statistics(masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per draw: the masked fraction, the number of blocks, and (for draws with a block) the mean patches per block
+    and the mean |log(height / width)| of the blocks' bounding boxes."""
+    n, H, W = masks.shape
+    labels = label_blocks(masks)
+    ids, block, area = torch.unique(labels[masks], return_inverse=True, return_counts=True)
+    rows = torch.arange(H).view(1, H, 1).expand(n, H, W)[masks]
+    cols = torch.arange(W).view(1, 1, W).expand(n, H, W)[masks]
+    def extent(index):  # bounding-box size of each block along one axis
+        low = torch.full((len(ids),), H + W).scatter_reduce(0, block, index, "amin")
+        return torch.zeros(len(ids), dtype=torch.long).scatter_reduce(0, block, index, "amax") - low + 1
+    log_aspect = (extent(rows).float() / extent(cols).float()).log().abs()
+    draw = (ids - 1) // (H * W)  # which draw each block is in
+    blocks = torch.bincount(draw, minlength=n).float()
+    has = blocks > 0
+    def per_draw(value):
+        return torch.zeros(n).index_add(0, draw, value.float())[has] / blocks[has]
+    return {"masked fraction": masks.float().mean((1, 2)), "blocks per mask": blocks,
+            "patches per block": per_draw(area), "|log aspect|": per_draw(log_aspect)}
+
+
+def z_score(yours: torch.Tensor, ours: torch.Tensor, statistic: str) -> float:
+    """Standard errors between the two means (or, for "spread", the two standard deviations)."""
+    if len(yours) < 2 or len(ours) < 2:
+        return 0.0 if len(yours) == len(ours) else math.inf
+    if statistic == "spread":
+        a, b = yours.std(), ours.std()
+        se = (a ** 2 / (2 * (len(yours) - 1)) + b ** 2 / (2 * (len(ours) - 1))).sqrt()
+    else:
+        a, b = yours.mean(), ours.mean()
+        se = (yours.var() / len(yours) + ours.var() / len(ours)).sqrt()
+    return 0.0 if a == b else float((a - b).abs() / se) if se > 0 else math.inf
+
+
+def check_masks(mask_fn, draws: int = MASK_DRAWS) -> dict:
+    """Your mask_fn(height, width, ratio) and block_mask over `draws` draws per grid and ratio; returns the report
+    that main prints (or dumps with --json)."""
+    rows = []
+    for height, width in MASK_GRIDS:
+        for ratio in MASK_RATIOS:
+            yours = mask_statistics(draw_masks(mask_fn, height, width, ratio, draws, seed=1))
+            ours = mask_statistics(draw_masks(block_mask, height, width, ratio, draws, seed=0))
+            yours["spread"], ours["spread"] = yours["masked fraction"], ours["masked fraction"]
+            stats = {}
+            for name in MASK_STATISTICS:
+                y, o = yours[name], ours[name]
+                shown = (lambda x: float(x.std())) if name == "spread" else (lambda x: float(x.mean()) if len(x) else 0.0)
+                z, a, b = z_score(y, o, name), shown(y), shown(o)
+                margin = MASK_MARGIN / 10 if name in ("masked fraction", "spread") else MASK_MARGIN * max(abs(a), abs(b))
+                stats[name] = {"yours": a, "ours": b, "z": z if math.isfinite(z) else "inf",
+                               "differs": z > MASK_Z and abs(a - b) > margin}
+            differs = [name for name, s in stats.items() if s["differs"]]
+            rows.append({"grid": f"{height}x{width}", "ratio": ratio, "statistics": stats, "differs": differs})
+    return {"ok": not any(r["differs"] for r in rows), "draws": draws, "z_limit": MASK_Z, "margin": MASK_MARGIN,
+            "rows": rows}
+
+
+def print_mask_report(report: dict) -> None:
+    header = ["grid", "ratio", *MASK_STATISTICS, "verdict"]
+    lines = [header]
+    for r in report["rows"]:
+        cells = [f"{s['yours']:.3g}/{s['ours']:.3g}" for s in r["statistics"].values()]
+        lines.append([r["grid"], f"{r['ratio']:g}", *cells, "DIFFERS: " + ", ".join(r["differs"]) if r["differs"]
+                      else "ok"])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    for line in lines:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) + "  " + line[-1])
+    print()
+    print(textwrap.fill(f"each cell: yours/ours, over {report['draws']} draws per grid and ratio; means over draws "
+                        "(spread: the standard deviation of the masked fraction); blocks: 4-connected masked patches, "
+                        "aspect: their bounding boxes' height / width; differs: more than "
+                        f"{report['z_limit']:g} standard errors and {report['margin']:.0%} apart "
+                        f"({report['margin'] / 10:g} for the masked fraction and its spread)", 116))
+    if report["ok"]:
+        print("PASS: your masks match block_mask's in every statistic")
+    else:
+        print(f"FAIL: {sum(bool(r['differs']) for r in report['rows'])} of {len(report['rows'])} grid and ratio pairs "
+              "differ from block_mask's")
+
+
+# ---------------------------------------------------------------------------------------------------
 # ---- command line ----
 
 
@@ -508,19 +643,29 @@ def print_report(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("factory", help="MODULE:FACTORY, MODULE importable or a path to a .py file")
+    parser.add_argument("factory", help="MODULE:FACTORY, MODULE importable or a path to a .py file (with --mask: "
+                                        "MODULE:FUNCTION, your masking function)")
     parser.add_argument("--layout", choices=LAYOUTS, default="official",
                         help="row order of your inputs: crop-major (as IBOTLoss), image-major, or per-view lists")
+    parser.add_argument("--mask", action="store_true",
+                        help="check a masking function FUNCTION(height, width, ratio) -> (height, width) bool against "
+                             "block_mask instead of a loss")
+    parser.add_argument("--draws", type=int, default=MASK_DRAWS, help="with --mask: masks drawn per grid and ratio")
     parser.add_argument("--json", action="store_true", help="print one JSON object (for CI) instead of the table")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny tensors: intra-op threads cost more than they save
     try:
-        report = check(load_factory(args.factory), args.layout)
+        if args.draws < 2:
+            raise UsageError(f"--draws must be at least 2, got {args.draws}")
+        function = load_factory(args.factory)
+        report = check_masks(function, args.draws) if args.mask else check(function, args.layout)
     except UsageError as error:
         print(f"check_loss: {error}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(report, allow_nan=False))
+    elif args.mask:
+        print_mask_report(report)
     else:
         print_report(report)
     return 0 if report["ok"] else 1
