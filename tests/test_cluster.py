@@ -268,7 +268,7 @@ def test_torchrun_imagenet_preset_survives_sigterm_and_resumes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train.py"), "--preset", "imagenet-vit-s16", "--arch", "vit_nano", "--data-path", str(images),
-           "--batch-size", "2", "--local-crops", "2", "--out-dim", "64", "--head-hidden-dim", "64", "--epochs", "40",
+           "--batch-size", "2", "--local-crops", "2", "--out-dim", "64", "--head-hidden-dim", "64", "--epochs", "8",
            "--workers", "0", "--device", "cpu", "--output-dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
@@ -282,11 +282,11 @@ def test_torchrun_imagenet_preset_survives_sigterm_and_resumes(tmp_path):
     text = "".join(lines) + rest
     assert "stopped by SIGTERM: saved" in text, text[-3000:]
     step = torch.load(out / "checkpoint.pth", weights_only=True)["step"]
-    assert 10 <= step < 160 and step % 10 == 0  # both ranks stopped at one shared check
+    assert step in (10, 20, 30)  # both ranks stopped at one shared check, before the end
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"resumed from {out / 'checkpoint.pth'} at step {step}" in done.stdout
     assert "2 ranks agree on the teacher weights and loss centres" in done.stdout
-    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 160  # 16 images / (2 x 2) x 40
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 32  # 16 images / (2 x 2) x 8 epochs
     rows = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 160 and all(np.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["step"] == 32 and all(np.isfinite(r["loss"]) for r in rows)
