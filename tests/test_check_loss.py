@@ -7,6 +7,8 @@ DINOv2's and lightly's iBOT losses, and the command line's output, JSON and usag
 import functools
 import itertools
 import json
+import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -325,7 +327,81 @@ def test_lightly_verdicts(restore_path, capsys, factory, expected):
 
 
 # ---------------------------------------------------------------------------------------------------
-# ---- 5. the command line ----
+# ---- 5. masks: a masking function against block_mask ----
+
+
+def flood_fill_blocks(mask: torch.Tensor) -> int:
+    """4-connected blocks of one (H, W) mask, counted by a plain flood fill."""
+    H, W = mask.shape
+    seen, count = set(), 0
+    for start in zip(*torch.nonzero(mask, as_tuple=True)):
+        start = tuple(int(i) for i in start)
+        if start in seen:
+            continue
+        count += 1
+        stack = [start]
+        while stack:
+            r, c = stack.pop()
+            if (r, c) in seen or not (0 <= r < H and 0 <= c < W) or not mask[r, c]:
+                continue
+            seen.add((r, c))
+            stack += [(r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)]
+    return count
+
+
+@FAST
+@given(H=st.integers(1, 7), W=st.integers(1, 7), p=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_blocks_are_the_4_connected_components(H, W, p, seed):
+    masks = torch.rand(3, H, W, generator=torch.Generator().manual_seed(seed)) < p
+    stats = cl.mask_statistics(masks)
+    assert stats["blocks per mask"].tolist() == [flood_fill_blocks(m) for m in masks]
+    torch.testing.assert_close(stats["masked fraction"], masks.float().mean((1, 2)))
+
+
+def test_block_statistics_of_a_known_mask():
+    mask = torch.zeros(1, 6, 6, dtype=torch.bool)
+    mask[0, :2, :4] = True  # a 2x4 block
+    mask[0, 4:, 5] = True  # a 2x1 block
+    stats = cl.mask_statistics(mask)
+    assert stats["blocks per mask"].tolist() == [2.0]
+    torch.testing.assert_close(stats["patches per block"], torch.tensor([5.0]))
+    torch.testing.assert_close(stats["|log aspect|"], torch.tensor([(math.log(2) + math.log(2)) / 2]))
+
+
+def test_block_mask_matches_itself_on_other_draws():
+    report = cl.check_masks(lambda h, w, ratio: M.block_mask(h, w, ratio), draws=100)
+    assert report["ok"], [r for r in report["rows"] if r["differs"]]
+
+
+def test_uniform_masks_differ_in_block_shapes():
+    report = cl.check_masks(M.random_mask, draws=60)
+    assert not report["ok"]
+    assert all({"blocks per mask", "patches per block"} <= set(r["differs"]) for r in report["rows"])
+
+
+def test_a_mask_that_ignores_the_ratio_differs_in_its_masked_fraction():
+    report = cl.check_masks(lambda h, w, ratio: M.block_mask(h, w, 0.3), draws=60)
+    differs = {r["ratio"]: "masked fraction" in r["differs"] for r in report["rows"] if r["grid"] == "14x14"}
+    assert differs == {0.1: True, 0.2: True, 0.3: False, 0.4: True, 0.5: True}
+
+
+def test_lightly_block_masks_are_smaller_on_a_14x14_grid():
+    utils = pytest.importorskip("lightly.models.utils", reason="lightly is not installed (pip install lightly)")
+    report = cl.check_masks(lambda h, w, r: utils.random_block_mask_image((h, w), num_masks=int(r * h * w)), draws=80)
+    for r in report["rows"]:
+        if r["grid"] == "14x14":  # its smallest block is 4 patches, block_mask's (14 // 3)^2 = 16
+            assert "patches per block" in r["differs"]
+            assert r["statistics"]["patches per block"]["yours"] < r["statistics"]["patches per block"]["ours"]
+
+
+def test_mask_draws_leave_the_global_generators_as_they_were():
+    before = torch.random.get_rng_state(), random.getstate()
+    cl.draw_masks(M.block_mask, 4, 4, 0.3, draws=3, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), before[0]) and random.getstate() == before[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# ---- 6. the command line ----
 
 WRONG_LOSS = '''
 import ibot_min as M
@@ -349,6 +425,15 @@ def make_two_argument_loss(**sizes):
 def make_tuple_loss(**sizes):
     loss = M.IBOTLoss(**sizes)
     return lambda *args: tuple(loss(*args).values())
+
+def our_mask(height, width, ratio):
+    return M.block_mask(height, width, ratio)
+
+def flat_mask(height, width, ratio):
+    return M.block_mask(height, width, ratio).flatten()
+
+def failing_mask(height, width, ratio):
+    raise IndexError("grid too small")
 '''
 
 
@@ -388,12 +473,25 @@ def test_table_names_the_mistake(user_file, capsys):
                            "RuntimeError: no GPU here"),
     ("{file}:make_two_argument_loss", "your loss raised TypeError: "),
     ("{file}:make_tuple_loss", "your loss returned tuple; expected a tensor or a dict with 'loss'"),
+    ("{file}:flat_mask --mask", "your mask function returned torch.bool (196,) for height 14, width 14; expected a "
+                                "bool (14, 14) mask"),
+    ("{file}:failing_mask --mask", "your mask function raised IndexError: grid too small (height 14, width 14, "
+                                   "ratio 0.1)"),
+    ("{file}:our_mask --mask --draws 1", "--draws must be at least 2, got 1"),
 ])
 def test_usage_errors_give_one_line_and_exit_2(user_file, capsys, spec, message):
-    assert cl.main([spec.format(file=user_file)]) == 2
+    assert cl.main(spec.format(file=user_file).split()) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("check_loss: ") and captured.err.count("\n") == 1
     assert message in captured.err
+
+
+def test_mask_command_line(user_file, capsys):
+    assert cl.main([f"{user_file}:our_mask", "--mask", "--draws", "30", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and len(report["rows"]) == len(cl.MASK_GRIDS) * len(cl.MASK_RATIOS)
+    assert cl.main([f"{user_file}:our_mask", "--mask", "--draws", "30"]) == 0
+    assert "PASS: your masks match block_mask's in every statistic" in capsys.readouterr().out
 
 
 def test_bad_syntax_in_the_user_file_is_a_usage_error(tmp_path, capsys, monkeypatch):
