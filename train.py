@@ -782,17 +782,14 @@ def train(args) -> dict:
         except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop's first check
             stopped = "SIGINT"
         finally:
-            if completed and dist.is_initialized():  # a collective: only when every rank got here the same way
-                check_ranks_agree(run.model)
-        if stopped:
-            if checkpoints.save(step, schedules, knn_s):
-                print0(f"stopped by {stopped}: saved {checkpoints.path} at step {step}; run the same command again "
-                       f"to resume")
-            else:
-                print0(f"stopped by {stopped} at step {step} with non-finite weights: nothing saved"
-                       + (f"; {checkpoints.path} is the last good checkpoint" if checkpoints.path.exists() else ""))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+            try:
+                if completed and dist.is_initialized():  # a collective: only when every rank got here alike
+                    check_ranks_agree(run.model)
+                if stopped:
+                    save_on_stop(checkpoints, stopped, step, schedules, knn_s)
+            finally:
+                if dist.is_initialized():
+                    dist.destroy_process_group()
     if run.rank == 0 and log.path.exists():
         import plot_run  # matplotlib, only now
         plot = plot_run.plot(out_dir)
@@ -800,6 +797,14 @@ def train(args) -> dict:
             print0(f"curves: {plot}")
     return dict(steps=step, total=schedules.total, train_s=time.perf_counter() - t_start,
                 interrupted=bool(stopped), stopped_by=stopped, last=log.last)
+
+
+def save_on_stop(checkpoints: Checkpoints, stopped: str, step: int, schedules: Schedules, knn_s: float) -> None:
+    if checkpoints.save(step, schedules, knn_s):
+        print0(f"stopped by {stopped}: saved {checkpoints.path} at step {step}; run the same command again to resume")
+    else:
+        print0(f"stopped by {stopped} at step {step} with non-finite weights: nothing saved"
+               + (f"; {checkpoints.path} is the last good checkpoint" if checkpoints.path.exists() else ""))
 
 
 @torch.no_grad()
