@@ -1,7 +1,9 @@
-"""Check your own iBOT loss against ours (`ibot_min.IBOTLoss`) and name the likely mistake when they differ.
+"""Check your own iBOT loss against ours (`ibot_min.IBOTLoss`) and name every deviation when they differ; or check
+your block masking against `ibot_min.block_mask`. docs/loss_checker.md has worked examples, lightly's and DINOv2's.
 
     python check_loss.py my_loss.py:make_loss                          # a file and the factory in it
     python check_loss.py mypackage.losses:make_loss --layout per-crop --json
+    python check_loss.py --mask my_masks.py:block_mask                 # FUNCTION(height, width, ratio) -> bool mask
 
 FACTORY(out_dim=K, patch_out_dim=K_p, n_global_crops=g, n_local_crops=l) returns your loss: a callable (an
 nn.Module with its own centres is fine) taking what IBOTLoss.forward takes, in the same order,
@@ -18,9 +20,12 @@ Both losses run side by side on a fixed, seeded set of CASES, three calls in a r
 the centres and the timing of their update matter. Compared after every call: the total, the terms you return,
 the gradients w.r.t. all four logit inputs (the teacher's must be zero: targets carry no gradient), and the
 centres c, c' where your object has `center` and `center2` (or `patch_center`), flattened. Inputs are fp32; a
-value agrees when |yours - ours| <= ATOL + RTOL * |ours| everywhere. When they differ, the reference is replayed
-with each of the MISTAKES applied, and those that reproduce all your numbers in all cases are named.
-Exit status: 0 when every case agrees, 1 when one does not, 2 for a usage error (one line on stderr).
+value agrees when |yours - ours| <= ATOL + RTOL * |ours| everywhere. When they differ, the plain-loop reference is
+replayed with sets of the MISTAKES switched on, smallest first (up to MAX_COMBINED together), and every smallest set
+that reproduces all your numbers in all cases is named: each of its mistakes with the terms it explains (those that
+stop matching when it alone is switched off) and what it means for training.
+Exit status: 0 when every case agrees (with --mask: every statistic), 1 when one does not, 2 for a usage error
+(one line on stderr).
 """
 
 import argparse
