@@ -1,11 +1,15 @@
 """Data plumbing shared by train.py and eval_linear.py: datasets of (PIL image, label), reading images,
 the evaluation transform, and the per-sample-seeded multi-crop dataset with its collate.
 
-Datasets: torchvision's CIFAR-10/100 (with its download), a folder of class folders (ImageFolder layout, one
-folder with a held-out tail per class, or train/ + val/), and synthetic images for smoke runs.
+Datasets: torchvision's CIFAR-10/100 (with its download), any folder tree of images (labelled when it is one
+level of class folders, as torchvision's ImageFolder: one folder with a held-out tail per class, or train/ +
+val/), and synthetic images for smoke runs. Each says whether it has labels (`labelled`) and what was found
+(`summary`, one line).
 """
 
+import os
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +29,7 @@ class BadImage(ValueError):
 
     def __init__(self, message: str):
         last_line = (message.strip().splitlines() or [""])[-1]
-        super().__init__(last_line.split(f"{BadImage.__name__}: ", 1)[-1])
+        super().__init__(last_line.split(f"{type(self).__name__}: ", 1)[-1])
 
 
 def read_image(path: str) -> Image.Image:
@@ -50,25 +54,109 @@ def read_image(path: str) -> Image.Image:
 
 
 def image_name(images, i: int) -> str:
-    """Image i's file where the dataset has files (ImageFolder), else its index."""
+    """Image i's file where the dataset has files (ImageTree), else its index."""
     samples = getattr(images, "samples", None)
     return samples[i][0] if samples else f"image {i}"
 
 
-def image_folder(root: Path) -> torchvision.datasets.ImageFolder:
-    """A folder of class folders, each with at least one image."""
-    try:
-        return torchvision.datasets.ImageFolder(str(root), loader=read_image)
-    except FileNotFoundError as e:  # no class folders, or a class folder without images (torchvision names it)
-        raise ValueError(f"no images found in {root}: expected class folders of images, each with at least one "
-                         f"({e})") from e
+# ---------------------------------------------------------------------------------------------------
+# ---- folders of images: class folders give labels, any other tree trains without ----
+
+IMAGE_SUFFIXES = torchvision.datasets.folder.IMG_EXTENSIONS  # .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp
+NO_LABEL = -1  # the label of every image in a tree without class folders
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n:,} {one if n == 1 else many or one + 's'}"
+
+
+class ImageTree(torch.utils.data.Dataset):
+    """Every image file under a folder, in sorted order, as (PIL image, label).
+
+    Labelled when the images lie in one level of class folders (torchvision's ImageFolder layout: root/class/image,
+    the classes sorted by name); otherwise (a flat folder, dated folders nested deeper, images at several depths)
+    every label is NO_LABEL and `classes` is empty. Hidden files and folders
+    (names that start with '.': macOS's ._0001.png and .DS_Store, .git) and files without an image suffix are
+    skipped and counted, so the summary can name them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        found, self.hidden, self.others = [], [], []  # found: (path, folders above it, the first of them)
+        top_folders = []
+        for folder, subfolders, files in os.walk(root, followlinks=True):  # top-down, so subfolders can be pruned
+            self.hidden += [os.path.join(folder, d) for d in sorted(subfolders) if d.startswith(".")]
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            above = Path(folder).relative_to(root).parts
+            if not above:
+                top_folders = list(subfolders)
+            for name in sorted(files):
+                path = os.path.join(folder, name)
+                if name.startswith("."):
+                    self.hidden.append(path)
+                elif name.lower().endswith(IMAGE_SUFFIXES):
+                    found.append((path, len(above), above[0] if above else None))
+                else:
+                    self.others.append(path)
+        self.depths = sorted({depth for _, depth, _ in found})
+        folders = sorted({first for _, _, first in found if first is not None})
+        self.empty = [os.path.join(root, d) for d in top_folders if d not in folders]  # no image below them
+        self.labelled = self.depths == [1]
+        self.classes = folders if self.labelled else []
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.samples = [(path, index[first] if self.labelled else NO_LABEL) for path, _, first in found]
+        self.found = len(self.samples)  # before any split
+        self.summary = self.describe()  # build_dataset rewrites it for the split it keeps
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def describe(self, kept: str = "") -> str:
+        """One line for a run's first lines: what was found, whether it gives labels and why, what was skipped.
+        `kept`: how a split was cut from it, such as " (the last 500 of each class held out): 4,500 in the train
+        split"."""
+        if not self.found:
+            what = "no images"
+        elif self.labelled:
+            what = f"{plural(self.found, 'image')} in {plural(len(self.classes), 'class folder')}"
+        else:
+            layout = ("a flat folder" if self.depths == [0] else
+                      f"images {self.depths[0]} folders deep" if len(self.depths) == 1 else
+                      f"images {self.depths[0]} to {self.depths[-1]} folders deep")
+            what = f"{plural(self.found, 'image')}, no labels ({layout}, not one level of class folders)"
+        return f"{self.root}: {what}{kept}" + (f"; skipped {self.skipped()}" if self.skipped() else "")
+
+    def skipped(self) -> str:
+        kinds = ((self.hidden, "hidden file or folder", "hidden files or folders"), (self.others, "non-image file", None),
+                 (self.empty, "folder without images", "folders without images"))
+        return " and ".join(f"{plural(len(found), one, many)} (such as {Path(found[0]).name})"
+                            for found, one, many in kinds if found)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return read_image(path), label
+
+
+def image_tree(root: Path) -> ImageTree:
+    """A folder's ImageTree, with at least one image."""
+    tree = ImageTree(root)
+    if not tree.samples:
+        raise ValueError(f"no images found in {root}: expected image files ({' '.join(IMAGE_SUFFIXES)}), in class "
+                         f"folders for labels" + (f"; skipped {tree.skipped()}" if tree.skipped() else ""))
+    return tree
 
 
 class SyntheticImages(torch.utils.data.Dataset):
     """Random images for smoke runs and benchmarks; image i is always the same."""
 
+    labelled = True
+
     def __init__(self, n: int = 1024, size: int = 32, num_classes: int = 10, first: int = 0):
         self.n, self.size, self.first, self.classes = n, size, first, [str(c) for c in range(num_classes)]
+        self.summary = f"synthetic: {n:,} random {size} px images in {num_classes} classes"
 
     def __len__(self):
         return self.n
@@ -80,25 +168,41 @@ class SyntheticImages(torch.utils.data.Dataset):
 
 
 def has_val_split(name: str, data_path: str | None, holdout_per_class: int = 0) -> bool:
-    """Whether build_dataset(..., "val") has images to score: CIFAR's test set, synthetic images, a held-out
-    tail per class, or a val/ folder."""
+    """Whether build_dataset(..., "val") has labelled images to score: CIFAR's test set, synthetic images, a
+    held-out tail per class of a folder of class folders, or a val/ folder of class folders. A tree without
+    class folders has none."""
     if name != "imagefolder":
         return True
-    return holdout_per_class > 0 or bool(data_path and (Path(data_path) / "val").is_dir())
+    root = Path(data_path or "")
+    if not data_path or not root.is_dir():
+        return False
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return ImageTree(root / "val").labelled
+    return holdout_per_class > 0 and ImageTree(root).labelled
+
+
+def first_per_class(samples: list, n: int) -> list:
+    """The first n (path, label) pairs of each label, in order (a tree without labels: its first n images)."""
+    seen, kept = {}, []
+    for path, label in samples:
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] <= n:
+            kept.append((path, label))
+    return kept
 
 
 def build_dataset(name: str, data_path: str | None, split: str = "train", holdout_per_class: int = 0,
                   limit_per_class: int | None = None, download: bool = False, synthetic_size: int = 32):
-    """A dataset of (PIL image, label).
-    imagefolder: <path>/train and <path>/val when both exist; else one folder of class folders whose last
-    `holdout_per_class` images (sorted by name) form the val split."""
+    """A dataset of (PIL image, label), with `labelled` (whether its labels mean anything) and `summary` (one
+    line on what was found, for a run's first lines).
+    imagefolder: <path>/train and <path>/val when both exist; else any folder tree of images (ImageTree). With
+    class folders, the last `holdout_per_class` images of each class (sorted by name) form the val split; without
+    them the whole tree trains, `holdout_per_class` does not apply and there is no val split."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == "synthetic":
         # the val images follow the train images, so they are never copies of them
-        if split == "val":
-            return SyntheticImages(256, synthetic_size, first=1024)
-        return SyntheticImages(1024, synthetic_size)
+        return SyntheticImages(256, synthetic_size, first=1024) if split == "val" else SyntheticImages(1024, synthetic_size)
     if name in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         if not data_path:
@@ -110,47 +214,59 @@ def build_dataset(name: str, data_path: str | None, split: str = "train", holdou
         except OSError as e:  # offline, or the server refused: urllib's errors are OSErrors
             raise ValueError(f"could not download {name} into {data_path} ({e}); with no network, copy "
                              f"torchvision's {name} files there, or pass --dataset imagefolder --data-path DIR "
-                             f"(a folder of class folders)") from e
+                             f"(a folder of images)") from e
         if limit_per_class and split == "train":  # the first N images of each class, as for folders
-            seen, keep = {}, []
-            for i, label in enumerate(ds.targets):
-                seen[label] = seen.get(label, 0) + 1
-                if seen[label] <= limit_per_class:
-                    keep.append(i)
+            keep = [i for i, _ in first_per_class(list(enumerate(ds.targets)), limit_per_class)]
             ds.data, ds.targets = ds.data[keep], [ds.targets[i] for i in keep]
+        ds.labelled = True
+        ds.summary = f"{name} in {data_path}: {len(ds):,} {'test' if split == 'val' else 'training'} images"
         return ds
     if name != "imagefolder":
         raise ValueError(f"unknown dataset {name!r}; expected cifar10, cifar100, imagefolder or synthetic")
     root = Path(data_path or "")
     if not data_path or not root.is_dir():
         raise ValueError(f"data path {data_path!r} is not a folder")
+    cuts = []  # how the split was cut from the tree, for its summary
     if (root / "train").is_dir() and (root / "val").is_dir():
-        ds = image_folder(root / split)
-        per_class = ds.samples
+        ds = image_tree(root / split)
+        if split == "val" and not ds.labelled:
+            raise ValueError(f"{root / 'val'} has no class folders, so no labels to score: no val split")
+        if ds.labelled:  # a label is a class's index: both splits must have the same classes
+            other = root / ("val" if split == "train" else "train")
+            names = {e.name for e in os.scandir(other) if e.is_dir() and not e.name.startswith(".")}
+            if ds.empty or names != set(ds.classes):
+                raise ValueError(f"{root / split} and {other} must hold the same class folders, each with images"
+                                 + (f"; {', '.join(ds.empty)} has no images" if ds.empty else "")
+                                 + (f"; only in {other}: {', '.join(sorted(names - set(ds.classes)))}"
+                                    if names - set(ds.classes) else "")
+                                 + (f"; only in {root / split}: {', '.join(sorted(set(ds.classes) - names))}"
+                                    if set(ds.classes) - names else ""))
     else:
-        ds = image_folder(root)
-        by_class = {}
-        for path, label in ds.samples:  # sorted by class, then by file name
-            by_class.setdefault(label, []).append((path, label))
-        per_class = []
-        for items in by_class.values():
-            if holdout_per_class >= len(items):
-                raise ValueError(f"holdout of {holdout_per_class} per class leaves no training images "
-                                 f"({len(items)} in a class)")
-            keep = items[len(items) - holdout_per_class:] if split == "val" else items[:len(items) - holdout_per_class]
-            per_class += keep
-        if split == "val" and not holdout_per_class:
-            raise ValueError(f"{root} has no train/ and val/ folders and --holdout-per-class is 0: no val split")
+        ds = image_tree(root)
+        if ds.labelled:
+            by_class = {}
+            for path, label in ds.samples:  # sorted by class, then by file name
+                by_class.setdefault(label, []).append((path, label))
+            samples = []
+            for items in by_class.values():
+                if holdout_per_class >= len(items):
+                    raise ValueError(f"holdout of {holdout_per_class} per class leaves no training images "
+                                     f"({len(items)} in a class)")
+                cut = len(items) - holdout_per_class
+                samples += items[cut:] if split == "val" else items[:cut]
+            ds.samples = samples
+            if holdout_per_class:
+                cuts.append(f"the last {holdout_per_class:,} of each class held out")
+        if split == "val" and not (ds.labelled and holdout_per_class):
+            raise ValueError(f"{root} has no train/ and val/ folders and " +
+                             ("--holdout-per-class is 0" if ds.labelled else "no class folders, so no labels") +
+                             ": no val split")
     if limit_per_class and split == "train":
-        counts, kept = {}, []
-        for path, label in per_class:
-            counts[label] = counts.get(label, 0) + 1
-            if counts[label] <= limit_per_class:
-                kept.append((path, label))
-        per_class = kept
-    ds.samples = ds.imgs = per_class
-    ds.targets = [label for _, label in per_class]
-    if not per_class:
+        ds.samples = first_per_class(ds.samples, limit_per_class)
+        cuts.append(f"the first {limit_per_class:,}" + (" of each class" if ds.labelled else "") + " kept")
+    if cuts:
+        ds.summary = ds.describe(f" ({', '.join(cuts)}): {len(ds.samples):,} in the {split} split")
+    if not ds.samples:
         raise ValueError(f"no images in the {split} split of {root}")
     return ds
 
@@ -203,11 +319,32 @@ def eval_transform(size: int, channels: int = 3):
                       T.ToTensor(), normalise])
 
 
-def decode_all(images, workers: int) -> torch.Tensor:
-    """Every image of a dataset decoded once -> uint8 (N, 3, H, W); for the on-device augmentation."""
-    loader = torch.utils.data.DataLoader(OneSize(images, images[0][0].size), batch_size=1024, num_workers=workers)
-    print0(f"decoding {len(images)} images for the on-device augmentation")
-    return torch.cat(list(loader))
+def decode_all(images, workers: int, global_size: int | None = None) -> torch.Tensor:
+    """Every image of a dataset decoded once -> uint8 (N, 3, H, W), for the on-device augmentation.
+    Images of one size (CIFAR) keep it. Images of several sizes are stored as squares of 2 x global_size, each
+    one's shorter side resized to that and its centre kept, so that a global crop of a quarter of the image is
+    not upsampled (the PIL views, --no-device-augment, crop from the whole images instead)."""
+    first = images[0][0].size
+    print0(f"decoding {len(images):,} images for the on-device augmentation")
+    try:
+        return decode(OneSize(images, first), workers)
+    except MixedSizes as e:
+        traceback.clear_frames(e.__traceback__)  # frees the loader's workers now, not at the next collection
+        if global_size is None:
+            raise BadImage(f"{e}; pass --no-device-augment") from None
+        message = str(e)
+    side = 2 * global_size
+    print0(f"{message}: each image stored as {side} x {side} pixels (its shorter side resized, the centre kept), "
+           f"{len(images) * 3 * side * side / 2**30:.2f} GiB; --no-device-augment crops the whole images")
+    return decode(Squares(images, side), workers)
+
+
+def decode(dataset: torch.utils.data.Dataset, workers: int) -> torch.Tensor:
+    return torch.cat(list(torch.utils.data.DataLoader(dataset, batch_size=1024, num_workers=workers)))
+
+
+class MixedSizes(BadImage):
+    pass
 
 
 class OneSize(torch.utils.data.Dataset):
@@ -222,8 +359,23 @@ class OneSize(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, _ = self.images[i]
         if img.size != self.size:
-            raise BadImage(f"--device-augment needs images of one size (such as CIFAR): {image_name(self.images, i)} "
-                           f"is {img.size[0]} x {img.size[1]} pixels, the first image {self.size[0]} x {self.size[1]}")
+            raise MixedSizes(f"images of several sizes: {image_name(self.images, i)} is {img.size[0]} x "
+                             f"{img.size[1]} pixels, {image_name(self.images, 0)} {self.size[0]} x {self.size[1]}")
+        return TF.pil_to_tensor(img)
+
+
+class Squares(torch.utils.data.Dataset):
+    """Images as uint8 (3, side, side): the shorter side resized to `side` (bicubic, antialiased), the centre kept."""
+
+    def __init__(self, images, side: int):
+        self.images, self.side = images, side
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img, _ = self.images[i]
+        img = TF.center_crop(TF.resize(img, self.side, T.InterpolationMode.BICUBIC), self.side)
         return TF.pil_to_tensor(img)
 
 
