@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import os
-import pickle
 import sys
 import time
 import traceback
@@ -147,7 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--which", choices=["teacher", "student"], default="teacher")
-    p.add_argument("--num-heads", type=int, help="for state dicts whose heads are not 64 wide")
+    p.add_argument("--num-heads", type=int, help="attention heads, for checkpoints that do not say it (a bare "
+                   "state dict; an architecture name gives it)")
     p.add_argument("--dataset", default="imagefolder", help="cifar10 | cifar100 | imagefolder | synthetic")
     p.add_argument("--data-path")
     p.add_argument("--train-path", help="imagefolder: a folder of class folders to train on (with --val-path)")
@@ -180,32 +180,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load(args) -> tuple[M.VisionTransformer, dict]:
-    """The backbone and the checkpoint's config (ours: its config dict; official: vars(args))."""
+    """The backbone and the checkpoint's config (ours: its config dict; official, DeiT, timm: vars(args))."""
     path = Path(args.checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    torch.serialization.add_safe_globals([argparse.Namespace])  # official files pickle their args
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"cannot read {path} as a torch checkpoint with weights_only=True: {e}") from e
-    config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if config is None and isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace):
-        config = vars(ckpt["args"])
-    config = config if isinstance(config, dict) else {}
+    ckpt = C.read_checkpoint(path)
     try:
         backbone = C.load_backbone(ckpt, args.which, args.num_heads)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     except RuntimeError as e:  # tensors that disagree on a shape
-        raise ValueError(f"checkpoint {path} does not hold one consistent ViT: {e}") from e
-    for key, found in [("patch_size", backbone.patch_size), ("embed_dim", backbone.embed_dim),
-                       ("depth", len(backbone.blocks))]:
-        if config.get(key) not in (None, found):
-            raise ValueError(f"checkpoint {path} says {key} {config[key]} but its weights have {found}")
+        raise ValueError(f"checkpoint {path} does not hold one consistent ViT: {' '.join(str(e).split())}") from e
     channels = backbone.patch_embed.proj.in_channels
     if channels not in (1, 3):
         raise ValueError(f"checkpoint {path} takes {channels}-channel images; eval_linear.py feeds RGB (3 channels) "
                          f"or grayscale (1)")
-    return backbone, config
+    return backbone, C.saved_config(ckpt)
 
 
 def datasets(args):
@@ -219,6 +207,9 @@ def datasets(args):
     else:
         sets = [D.build_dataset(args.dataset, args.data_path, split, args.holdout_per_class, args.limit_per_class,
                                     args.download, synthetic_size=args.image_size) for split in ("train", "val")]
+    for ds in sets:
+        if not ds.labelled:
+            raise ValueError(f"kNN and the linear probe score labels, and these images have none: {ds.summary}")
     if sets[0].classes != sets[1].classes:
         raise ValueError(f"train and val class folders differ: {sets[0].classes} vs {sets[1].classes}")
     for name, ds in zip(("train", "val"), sets):

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoints as C  # noqa: E402
+
 
 def ship(src: Path, dst: Path) -> Path:
-    ckpt = torch.load(src, map_location="cpu", weights_only=True)
-    if "teacher" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{src} is not a train.py checkpoint (no teacher or config)")
+    ckpt = C.read_checkpoint(src)
+    if not {"teacher", "ibot_loss", "config"} <= set(ckpt):
+        raise ValueError(f"{src} is not a train.py checkpoint (it has no teacher, ibot_loss or config)")
     kept = {"teacher": ckpt["teacher"], "ibot_loss": ckpt["ibot_loss"], "config": ckpt["config"],
             "step": ckpt.get("step"), "train_config": ckpt.get("train_config")}
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -22,8 +25,18 @@ def ship(src: Path, dst: Path) -> Path:
     return dst
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python scripts/ship_model.py RUN/checkpoint.pth OUT.pth")
-    out = ship(Path(sys.argv[1]), Path(sys.argv[2]))
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        sys.stderr.write("usage: python scripts/ship_model.py RUN/checkpoint.pth OUT.pth\n")
+        return 2
+    try:
+        out = ship(Path(argv[0]), Path(argv[1]))
+    except (ValueError, FileNotFoundError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
     print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

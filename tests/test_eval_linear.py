@@ -135,16 +135,17 @@ def test_probe_feature_layouts():
 def _official_checkpoint(path: Path, patch_size_in_args: int = 16) -> tuple[Path, M.VisionTransformer]:
     """The official iBOT layout: teacher backbone./head., student module.backbone./module.head., centres, args."""
     torch.manual_seed(0)
-    student = M.VisionTransformer(img_size=32, patch_size=16, embed_dim=128, depth=2, num_heads=2, masked_embed=True)
-    teacher = M.VisionTransformer(img_size=32, patch_size=16, embed_dim=128, depth=2, num_heads=2)
-    head = M.IBOTHead(128, 32, 32, hidden_dim=16, bottleneck_dim=8)
+    # the official vit_tiny's width and heads (192, 3), two blocks: the arch name gives the heads
+    student = M.VisionTransformer(img_size=32, patch_size=16, embed_dim=192, depth=2, num_heads=3, masked_embed=True)
+    teacher = M.VisionTransformer(img_size=32, patch_size=16, embed_dim=192, depth=2, num_heads=3)
+    head = M.IBOTHead(192, 32, 32, hidden_dim=16, bottleneck_dim=8)
     ckpt = {
         "student": {**{"module.backbone." + k: v for k, v in student.state_dict().items()},
                     **{"module.head." + k: v for k, v in head.state_dict().items()}},
         "teacher": {**{"backbone." + k: v for k, v in teacher.state_dict().items()},
                     **{"head." + k: v for k, v in head.state_dict().items()}},
         "ibot_loss": {"center": torch.zeros(1, 32), "center2": torch.zeros(1, 1, 32)},
-        "args": argparse.Namespace(arch="vit_small", patch_size=patch_size_in_args, out_dim=32),
+        "args": argparse.Namespace(arch="vit_tiny", patch_size=patch_size_in_args, out_dim=32),
         "epoch": 3,
     }
     assert "head.mlp.0.weight" in ckpt["teacher"]
@@ -170,7 +171,7 @@ def test_official_layout_checkpoint_through_the_command_line(tmp_path, capsys):
     assert set(linear["sweep"]) == {"0.01", "0.1"} and linear["lr"] in (0.01, 0.1)
     assert linear["top1"] == max(run["top1"] for run in linear["sweep"].values()) and 0.0 <= linear["top5"] <= 100.0
     # ViT-S and below: n = 4 last blocks' [CLS], avgpool 0; capped at this ViT's 2 blocks
-    assert result["config"]["n_last_blocks"] == 2 and result["config"]["avgpool"] == 0 and linear["features"] == 256
+    assert result["config"]["n_last_blocks"] == 2 and result["config"]["avgpool"] == 0 and linear["features"] == 384
     assert result["config"]["image_size"] == 32  # synthetic: 32 px
     assert result["checkpoint"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     assert result["hardware"]["torch"] == torch.__version__ and result["seconds"] > 0
