@@ -108,8 +108,8 @@ MISTAKES = {
         "nothing keeps the patch targets from collapsing onto one prototype: c' is what prevents it"),
     "patch-centre-from-masked": Mistake(
         "c' updated from the masked patches only, not from all patches",
-        "the patch centre follows fewer tokens (a noisier mean of the same distribution), as in DINOv2 and lightly; "
-        "a small change to training"),
+        "the patch centre follows fewer tokens, a noisier mean that favours the middle of the image (where blocks "
+        "fall most often), as in DINOv2 and lightly, which train well with it"),
     "cls-temp-for-patches": Mistake(
         "the [CLS] temperature tau_t used for the patch targets instead of tau_t'",
         "harmless where tau_t' follows the same schedule as tau_t (DINOv2 and lightly use one temperature); "
