@@ -520,6 +520,16 @@ def z_score(yours: torch.Tensor, ours: torch.Tensor, statistic: str) -> float:
     return 0.0 if a == b else float((a - b).abs() / se) if se > 0 else math.inf
 
 
+def compare_statistic(name: str, yours: torch.Tensor, ours: torch.Tensor) -> dict:
+    """One statistic's per-draw values -> both summaries (the mean; for "spread" the standard deviation), the
+    z-score, and whether they differ: by more than MASK_Z standard errors and more than the margin."""
+    def summary(x):
+        return float(x.std()) if name == "spread" else float(x.mean()) if len(x) else 0.0
+    z, a, b = z_score(yours, ours, name), summary(yours), summary(ours)
+    margin = MASK_MARGIN / 10 if name in ("masked fraction", "spread") else MASK_MARGIN * max(abs(a), abs(b))
+    return {"yours": a, "ours": b, "z": z if math.isfinite(z) else "inf", "differs": z > MASK_Z and abs(a - b) > margin}
+
+
 def check_masks(mask_fn, draws: int = MASK_DRAWS) -> dict:
     """Your mask_fn(height, width, ratio) and block_mask over `draws` draws per grid and ratio; returns the report
     that main prints (or dumps with --json)."""
@@ -529,14 +539,7 @@ def check_masks(mask_fn, draws: int = MASK_DRAWS) -> dict:
             yours = mask_statistics(draw_masks(mask_fn, height, width, ratio, draws, seed=1))
             ours = mask_statistics(draw_masks(block_mask, height, width, ratio, draws, seed=0))
             yours["spread"], ours["spread"] = yours["masked fraction"], ours["masked fraction"]
-            stats = {}
-            for name in MASK_STATISTICS:
-                y, o = yours[name], ours[name]
-                shown = (lambda x: float(x.std())) if name == "spread" else (lambda x: float(x.mean()) if len(x) else 0.0)
-                z, a, b = z_score(y, o, name), shown(y), shown(o)
-                margin = MASK_MARGIN / 10 if name in ("masked fraction", "spread") else MASK_MARGIN * max(abs(a), abs(b))
-                stats[name] = {"yours": a, "ours": b, "z": z if math.isfinite(z) else "inf",
-                               "differs": z > MASK_Z and abs(a - b) > margin}
+            stats = {name: compare_statistic(name, yours[name], ours[name]) for name in MASK_STATISTICS}
             differs = [name for name, s in stats.items() if s["differs"]]
             rows.append({"grid": f"{height}x{width}", "ratio": ratio, "statistics": stats, "differs": differs})
     return {"ok": not any(r["differs"] for r in rows), "draws": draws, "z_limit": MASK_Z, "margin": MASK_MARGIN,

@@ -323,7 +323,8 @@ def test_lightly_verdicts(restore_path, capsys, factory, expected):
     cl.print_report(report)
     out = " ".join(capsys.readouterr().out.replace("\n    ", " ").split())  # lines unwrapped
     assert "in training: the patch centre follows fewer tokens" in out and "as in DINOv2 and lightly" in out
-    assert ("in training: harmless if the teacher runs under torch.no_grad()" in out) == ("teacher-not-detached" in expected)
+    harmless = "in training: harmless if the teacher runs under torch.no_grad()"
+    assert (harmless in out) == ("teacher-not-detached" in expected)
 
 
 # ---------------------------------------------------------------------------------------------------
