@@ -65,7 +65,7 @@ class UsageError(Exception):
 
 @dataclass(frozen=True)
 class Mistake:
-    what: str  # what the loss computes instead of SPEC.md's formula
+    what: str  # what the loss computes instead of docs/method.md's formula
     training: str  # what that means for a training run, in one line
 
 
@@ -133,12 +133,15 @@ MAX_COMBINED = 4  # the search tries every compatible set of up to this many mis
 
 
 def reference_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks, teacher_temp: float,
-                   teacher_patch_temp: float, center, patch_center, n_global_crops: int, mistakes=()):
-    """SPEC.md's formulas as plain loops, with the named `mistakes` switched on (none: equal to IBOTLoss).
+                   teacher_patch_temp: float, center, patch_center, n_global_crops: int, mistakes=(),
+                   student_temp: float = STUDENT_TEMP, center_momentum: float = MOMENTUM):
+    """The loss of docs/method.md as plain loops over the views, with the named `mistakes` switched on (none:
+    equal to IBOTLoss, whose tests use this reference too).
 
     Crop-major inputs: student_cls (VB, K), student_patch (gB, N, K_p), teacher_cls (gB, K), teacher_patch
-    (gB, N, K_p), masks (gB, N) bool; centres c (K,) and c' (K_p,). Each mistake is one switch below, so any set
-    of them composes. Returns ({"cls", "patch", "loss"}, the centres after the call)."""
+    (gB, N, K_p), masks (gB, N) bool; centres c (K,) and c' (K_p,); tau_s = student_temp, m = center_momentum for
+    both centres. Each mistake is one switch below, so any set of them composes. Returns ({"cls", "patch",
+    "loss"}, the centres after the call), lambda1 = lambda2 = 1."""
     mistakes = {mistakes} if isinstance(mistakes, str) else set(mistakes)
     if unknown := sorted(mistakes - MISTAKES.keys()):
         raise ValueError(f"unknown mistake {unknown[0]!r}; expected one of {', '.join(MISTAKES)}")
@@ -153,8 +156,8 @@ def reference_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks
         patch_mean = teacher_patch[masks].mean(0)
     else:
         patch_mean = teacher_patch.mean((0, 1))
-    new_center = MOMENTUM * center + (1 - MOMENTUM) * teacher_cls.detach().mean(0)
-    new_patch_center = MOMENTUM * patch_center + (1 - MOMENTUM) * patch_mean.detach()
+    new_center = center_momentum * center + (1 - center_momentum) * teacher_cls.detach().mean(0)
+    new_patch_center = center_momentum * patch_center + (1 - center_momentum) * patch_mean.detach()
     if "centre-before-targets" in mistakes:
         center, patch_center = new_center, new_patch_center
     if "no-patch-centring" in mistakes:
@@ -164,8 +167,8 @@ def reference_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks
     P = F.softmax((teacher_cls - center) / teacher_temp, dim=-1).view(g, B, -1)  # P_u = softmax((t_u - c) / tau_t)
     Q = F.softmax((teacher_patch - patch_center) / patch_temp, dim=-1).view(g, B, *teacher_patch.shape[1:])  # Q_un
     log_p = F.softmax if "softmax-student" in mistakes else F.log_softmax
-    s = log_p(student_cls / STUDENT_TEMP, dim=-1).view(V, B, -1)  # log softmax(s_v / tau_s)
-    s_patch = log_p(student_patch / STUDENT_TEMP, dim=-1).view(g, B, *student_patch.shape[1:])
+    s = log_p(student_cls / student_temp, dim=-1).view(V, B, -1)  # log softmax(s_v / tau_s)
+    s_patch = log_p(student_patch / student_temp, dim=-1).view(g, B, *student_patch.shape[1:])
 
     # L_cls = 1/(g(V-1)) sum_{u<=g} sum_{v != u} mean_batch[-P_u . log softmax(s_v / tau_s)]
     pairs = [(u, v) for u in range(g) for v in range(V) if v != u or "cls-same-view-pairs" in mistakes]

@@ -42,7 +42,7 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     on_backend = t.to(backend_device())
     parts = [torch.empty_like(on_backend) for _ in range(world_size())]
     dist.all_gather(parts, on_backend)
-    return [p.to(t.device) for p in parts]
+    return [p.to(device=t.device, dtype=t.dtype) for p in parts]
 
 
 def setup_distributed(args):

@@ -740,7 +740,7 @@ def train(args) -> dict:
         print0(f"iBOT {args.arch}/{args.patch_size} on {cfg.dataset} ({len(run.images)} images), {run.world} x "
                f"{cfg.device}, {cfg.precision}, batch {run.global_batch}, {schedules.total} steps")
         if log.scoring and step == 0:
-            knn_s = log.first_row()
+            knn_s = slowest_rank(log.first_row())[0]  # one figure on every rank, so every rank paces alike
         pace = BudgetPacer(args.budget_s, 1.2 * knn_s + 5.0 if log.scoring else 5.0, t_start, step, run.global_batch)
         stopped, completed = None, False
         try:

@@ -179,6 +179,49 @@ def test_collectives_move_tensors_to_the_backend_and_back(monkeypatch):
         runtime.dist.all_reduce(torch.tensor([1.0]))  # what a direct call would meet
 
 
+def _strict_backend_worker(rank: int, world: int, port: int, argv: list, codes):
+    """One rank of a 2-process gloo run behind a stand-in backend that, as NCCL does with CPU tensors, refuses every
+    tensor not on its "device": here float64, the dtype runtime.backend_device() is made to return (Tensor.to takes
+    a dtype as it takes a device), so a collective that skips runtime's move fails the run."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    real = {name: getattr(torch.distributed, name) for name in ("all_reduce", "all_gather")}
+
+    def strict(name):
+        def collective(*tensors, **kw):
+            for t in (x for arg in tensors for x in (arg if isinstance(arg, list) else [arg])):
+                if torch.is_tensor(t) and t.dtype != torch.float64:
+                    raise RuntimeError(f"No backend type associated with {t.dtype} ({name})")
+            return real[name](*tensors, **kw)
+        return collective
+
+    for name in real:
+        setattr(torch.distributed, name, strict(name))
+    runtime.backend_device = lambda: torch.float64
+    codes[rank] = train.main(argv)
+
+
+@pytest.mark.slow
+def test_two_ranks_behind_a_backend_that_refuses_other_devices(folder, tmp_path):
+    """Budget pacing, the NaN and stop checks, both centres, Sinkhorn, the kNN monitor and the rank check, all
+    under a stand-in backend that refuses tensors not on its device."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = TINY + ["--data-path", str(folder), "--batch-size", "4", "--epochs", "100", "--budget", "20s",
+                   "--centering", "sinkhorn", "--holdout-per-class", "4", "--knn-every", "1000",
+                   "--output-dir", str(tmp_path / "run")]
+    codes = mp.Manager().dict()
+    mp.spawn(_strict_backend_worker, args=(2, port, argv, codes), nprocs=2, join=True)
+    assert dict(codes) == {0: 0, 1: 0}
+    rows = [json.loads(r) for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert "knn_top1" in rows[0] and "knn_top1" in rows[-1] and rows[-1]["step"] >= 3
+
+
 # ---- the published recipe ----
 
 # bytedance/ibot README, "iBOT Pre-Training with ViTs", the ViT-S/16 command (75.2 kNN, 77.9 linear):
