@@ -1,34 +1,47 @@
-"""Time the training step of train.py: images/s, FLOPs, the hardware's roofline, and where the time goes.
+"""Time the training step of train.py: images/s, FLOPs, the hardware's roofline, and where the time goes; and
+the PIL loader's images/s per CPU core, the figure that says how many cores feed one accelerator.
 
-Builds the run exactly as train.py does (train.setup) and times train.train_step on its batches, so the
-training loop carries no benchmarking. The clock runs only around the step; on a CPU, `--device-augment` keeps
-loader processes (which build the next batches while a step runs) off the cores being timed. Prints one JSON
-line. `python train.py ... --benchmark N` hands over to this file with the same flags and prints the same line.
+Builds the run exactly as train.py does (train.parse_args, train.setup) and times train.train_step on its
+batches, so the training loop carries no benchmarking. Every train.py flag sets up the run; bench.py's own are
+--steps, --profile, --attention, --matmuls and --loader (python bench.py --help). The clock runs only around the step; on a CPU, `--device-augment` keeps loader processes (which build
+the next batches while a step runs) off the cores being timed. Prints one JSON line.
 
     python bench.py --preset cifar10 --dataset synthetic --arch vit_tiny --patch-size 4 --global-size 32 --local-size 16 \\
-        --local-crops 6 --batch-size 64 --out-dim 4096 --device cpu --device-augment   # the README's CPU shape
+        --local-crops 6 --batch-size 64 --out-dim 4096 --device cpu --device-augment --steps 5   # the README's CPU shape
     python bench.py [same flags] --profile     # + a torch.profiler table of one step, operators by self time
     python bench.py [same flags] --attention   # + SDPA against matmul + softmax at the step's shapes
     python bench.py [same flags] --matmuls     # + the step's matrix products timed alone: the step's floor
+    python bench.py --preset imagenet-vit-s16 --loader [--data-path /data/imagenet]   # the loader, one core
 
-JSON fields: img_per_s and step_s (median of the timed steps, after 3 warm-up steps), gflop_per_img and
-tflop_per_s (FlopCounterMode on one eager step); on CUDA the card's name, peak memory and MFU against its
+JSON fields of the step: img_per_s and step_s (median of the timed steps, after 3 warm-up steps), gflop_per_img
+and tflop_per_s (FlopCounterMode on one eager step); on CUDA the card's name, peak memory and MFU against its
 dense bf16 peak; on a CPU `amx` (whether it has AMX tiles), and the rate of one large matmul in the run's
 precision (matmul_tflop_per_s) with the step's share of it (of_matmul).
+`--loader` times no step: one process on one thread makes the run's PIL views (ibot_min.MultiCropAugmentation:
+decode, crops, jitter, blur, masks, collation) of --steps batches after one warm-up batch, on the run's images, or,
+with the imagefolder dataset and no --data-path, on synthesised 500x375 JPEGs (ImageNet's typical size);
+loader_img_per_s_per_core is the median batch's rate. A run needs about img_per_s / loader_img_per_s_per_core
+loader processes (--workers) per accelerator, each on a core of its own.
 """
 
+import argparse
 import collections
 import json
+import os
+import platform
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+import data as D
 import ibot_min as M
 import train
 from runtime import cpu_has_bf16_matrix_units, pick_device, pick_precision, print0
@@ -38,10 +51,10 @@ WARMUP_STEPS = 3
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def benchmark(args, profile_step: bool = False) -> dict:
-    """Time args.benchmark steps after WARMUP_STEPS; the first warm-up step also counts the FLOPs."""
+def benchmark(args, steps: int, profile_step: bool = False) -> dict:
+    """Time `steps` steps after WARMUP_STEPS; the first warm-up step also counts the FLOPs."""
     run = train.setup(args)
-    schedules = train.Schedules(args, args.benchmark + WARMUP_STEPS + profile_step, run.steps_per_epoch,
+    schedules = train.Schedules(args, steps + WARMUP_STEPS + profile_step, run.steps_per_epoch,
                                 run.global_batch)
     times, flops, step = [], 0, 0
     while step < schedules.total:
@@ -168,19 +181,103 @@ def matmul_floor(args, step_s: float, repeats: int = 3) -> dict:
     return out
 
 
+# ---- the loader: PIL views on one core ----
+
+SYNTHETIC_SIZE = (500, 375)  # ImageNet's typical image (width, height)
+
+
+def synthesise_jpegs(root: Path, n: int, seed: int = 0) -> None:
+    """n JPEGs (quality 90) of SYNTHETIC_SIZE in one class folder: smooth colour fields with grain, so they
+    decode and compress about as photographs do, not as flat colour or pure noise."""
+    from PIL import Image
+    gen = torch.Generator().manual_seed(seed)
+    (root / "synthetic").mkdir(parents=True)
+    w, h = SYNTHETIC_SIZE
+    for i in range(n):
+        coarse = torch.rand(1, 3, 12, 16, generator=gen)  # (1, C, h', w'): the image's large shapes
+        img = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0]
+        img = img + 0.05 * torch.randn(img.shape, generator=gen)  # (C, H, W) + grain
+        pixels = (img.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, C)
+        Image.fromarray(pixels).save(root / "synthetic" / f"{i:05d}.jpg", quality=90)
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def loader_rate(args, batches: int) -> dict:
+    """Images/s of the PIL multi-crop views on one core: `batches` batches of --batch-size images, after one."""
+    aug = train.build(M.MultiCropAugmentation, args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one loader process: PIL is single-threaded, torch's collation made so
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            source = args.data_path
+            if args.dataset == "imagefolder" and not source:
+                source = tmp
+                synthesise_jpegs(Path(tmp), min(args.batch_size * (batches + 1), 256), args.seed)
+            images = D.build_dataset(args.dataset, source, "train", args.holdout_per_class, args.limit_per_class,
+                                     args.download, synthetic_size=args.global_size)
+            files = [Path(path) for path, _ in getattr(images, "samples", [])[:256]]
+            dataset = D.MultiCropDataset(images, aug, args.seed, args.pred_start_epoch)
+            times = []
+            for b in range(batches + 1):
+                t0 = time.perf_counter()
+                D.collate_crops([dataset[(b * args.batch_size + i) % len(dataset)] for i in range(args.batch_size)])
+                times.append(time.perf_counter() - t0)
+            mean_kib = statistics.mean(f.stat().st_size for f in files) / 1024 if files else None
+    finally:
+        torch.set_num_threads(threads)
+    out = dict(loader_img_per_s_per_core=args.batch_size / statistics.median(times[1:]),
+               batch_s=statistics.median(times[1:]), batch_size=args.batch_size, batches=batches,
+               views=f"{aug.global_crops}x{aug.global_size} + {aug.local_crops}x{aug.local_size}", blur=aug.blur,
+               images="synthesised 500x375 JPEG" if source == tmp else f"{args.dataset} {source or ''}".strip(),
+               mean_file_kib=mean_kib, cpu=cpu_name(), cores=os.cpu_count(),
+               torch=torch.__version__, pillow=__import__("PIL").__version__)
+    print0(json.dumps(out))
+    return out
+
+
+# ---- the command ----
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench.py", add_help=False, allow_abbrev=False,
+                                description="bench.py's own flags; every other flag is train.py's and sets up "
+                                            "the run (python train.py --help)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (--loader: timed batches), after the warm-up")
+    p.add_argument("--profile", action="store_true", help="a torch.profiler table of one step")
+    p.add_argument("--attention", action="store_true", help="SDPA against matmul + softmax at the step's shapes")
+    p.add_argument("--matmuls", action="store_true", help="the step's matrix products timed alone")
+    p.add_argument("--loader", action="store_true", help="the PIL loader's images/s on one core; no step")
+    p.add_argument("-h", "--help", action="store_true", help="this help, then train.py's")
+    return p
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    profile_step, attention, matmuls = "--profile" in argv, "--attention" in argv, "--matmuls" in argv
-    argv = [a for a in argv if a not in ("--profile", "--attention", "--matmuls")]
+    p = bench_parser()
+    own, run_flags = p.parse_known_args(argv)
+    if own.help:
+        p.print_help()
+        print()
+        train.parse_args(run_flags + ["--help"])  # prints train.py's flags and exits
     try:
-        args = train.parse_args(argv)
-        args.benchmark = args.benchmark or 5
-        if attention:
+        if own.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {own.steps}")
+        args = train.parse_args(run_flags)
+        if own.loader:
+            loader_rate(args, own.steps)
+            return 0
+        if own.attention:
             args.device = pick_device(args.device)
             args.precision = pick_precision(args.precision, args.device)
             attention_paths(args)
-        result = benchmark(args, profile_step)
-        if matmuls:
+        result = benchmark(args, own.steps, own.profile)
+        if own.matmuls:
             matmul_floor(args, result["step_s"])
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
