@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import check_loss
 import checkpoints as C
 import ibot_min as M
 
@@ -49,52 +50,17 @@ def _softmax64(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_ibot_loss(s_cls, s_patch, t_cls, t_patch, masks, g, l, tau_t, tau_t_patch, center, patch_center,
-                        tau_s=0.1, lambda1=1.0, lambda2=1.0, momentum=0.9, patch_momentum=0.9):
-    """docs/method.md "Loss", verbatim, one crop / image / patch at a time, float64.
+                        tau_s=0.1, lambda1=1.0, lambda2=1.0, momentum=0.9):
+    """check_loss.reference_loss (the loss as plain loops over the views, shared with the loss checker), in float64.
 
     s_cls ((g+l)B, K), s_patch (gB, N, Kp), t_cls (gB, K), t_patch (gB, N, Kp), masks (gB, N) bool,
     center (1, K), patch_center (1, 1, Kp). Returns (cls, patch, loss, new center, new patch_center).
     """
-    V = g + l
-    B = t_cls.shape[0] // g
-    N = masks.shape[1]
-    c, c2 = center.double()[0], patch_center.double()[0, 0]
-
-    # L_cls = 1/(g(g+l-1)) sum_{u<=g} sum_{v!=u} mean_batch[-P_u . log softmax(s_v / tau_s)]
-    total = 0.0
-    for u in range(g):
-        for v in range(V):
-            if v == u:
-                continue
-            batch = 0.0
-            for b in range(B):
-                P_u = _softmax64((t_cls[u * B + b].double() - c) / tau_t)
-                batch += float(-(P_u * _log_softmax64(s_cls[v * B + b].double() / tau_s)).sum())
-            total += batch / B
-    L_cls = total / (g * (g + l - 1))
-
-    # L_mim = 1/g sum_u mean_batch[sum_n m_un (-Q_un . log softmax(s_un / tau_s)) / max(1, sum_n m_un)]
-    total = 0.0
-    for u in range(g):
-        batch = 0.0
-        for b in range(B):
-            row = u * B + b
-            num, count = 0.0, 0
-            for n in range(N):
-                if bool(masks[row, n]):
-                    Q_un = _softmax64((t_patch[row, n].double() - c2) / tau_t_patch)
-                    num += float(-(Q_un * _log_softmax64(s_patch[row, n].double() / tau_s)).sum())
-                    count += 1
-            batch += num / max(1, count)
-        total += batch / B
-    L_mim = total / g
-
-    # c <- m c + (1-m) mean over the gB rows; c' likewise with the mean over *all* n of each row
-    mean_cls = sum(t_cls[i].double() for i in range(g * B)) / (g * B)
-    mean_patch = sum(sum(t_patch[i, n].double() for n in range(N)) / N for i in range(g * B)) / (g * B)
-    new_c = momentum * center.double() + (1 - momentum) * mean_cls
-    new_c2 = patch_momentum * patch_center.double() + (1 - patch_momentum) * mean_patch
-    return lambda1 * L_cls, lambda2 * L_mim, lambda1 * L_cls + lambda2 * L_mim, new_c, new_c2
+    terms, new_c, new_c2 = check_loss.reference_loss(
+        s_cls.double(), s_patch.double(), t_cls.double(), t_patch.double(), masks, tau_t, tau_t_patch,
+        center.double()[0], patch_center.double()[0, 0], g, student_temp=tau_s, center_momentum=momentum)
+    cls, patch = lambda1 * float(terms["cls"]), lambda2 * float(terms["patch"])
+    return cls, patch, cls + patch, new_c[None], new_c2[None, None]
 
 
 def make_inputs(seed, g, l, B, N, K, Kp, p_mask=0.4, empty_row=False, scale=3.0):
@@ -874,7 +840,7 @@ def test_load_backbone_only_exports(tmp_path):
     sd = vit.state_dict()
     torch.save({"state_dict": sd}, tmp_path / "wrapped.pth")
     for source in (sd, {"state_dict": sd}, tmp_path / "wrapped.pth"):
-        loaded = C.load_backbone(source)
+        loaded = C.load_backbone(source, num_heads=2)  # a bare state dict does not say its head count
         assert loaded.masked_embed is not None  # student exports keep it
         _outputs_equal(loaded, vit, x)
 
@@ -883,7 +849,7 @@ def test_load_backbone_timm_state_dict():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     ref = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
-    ours = C.load_backbone(ref.state_dict()).eval()
+    ours = C.load_backbone({"arch": "vit_small_patch16_224", "state_dict": ref.state_dict()}).eval()  # timm's saver
     assert ours.num_heads == 6
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
