@@ -127,8 +127,8 @@ class ImageTree(torch.utils.data.Dataset):
         return f"{self.root}: {what}{kept}" + (f"; skipped {self.skipped()}" if self.skipped() else "")
 
     def skipped(self) -> str:
-        kinds = ((self.hidden, "hidden file or folder", "hidden files or folders"), (self.others, "non-image file", None),
-                 (self.empty, "folder without images", "folders without images"))
+        kinds = ((self.hidden, "hidden file or folder", "hidden files or folders"),
+                 (self.others, "non-image file", None), (self.empty, "folder without images", "folders without images"))
         return " and ".join(f"{plural(len(found), one, many)} (such as {Path(found[0]).name})"
                             for found, one, many in kinds if found)
 
@@ -202,7 +202,9 @@ def build_dataset(name: str, data_path: str | None, split: str = "train", holdou
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == "synthetic":
         # the val images follow the train images, so they are never copies of them
-        return SyntheticImages(256, synthetic_size, first=1024) if split == "val" else SyntheticImages(1024, synthetic_size)
+        if split == "val":
+            return SyntheticImages(256, synthetic_size, first=1024)
+        return SyntheticImages(1024, synthetic_size)
     if name in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         if not data_path:

@@ -61,7 +61,8 @@ def test_flat_folder_trains_without_labels_even_with_the_presets_holdout(tmp_pat
     images = D.build_dataset("imagefolder", str(tmp_path / "photos"), "train", holdout_per_class=500)
     assert not images.labelled and images.classes == [] and len(images) == 12
     assert set(images.targets) == {D.NO_LABEL}
-    assert images.summary == f"{tmp_path / 'photos'}: 12 images, no labels (a flat folder, not one level of class folders)"
+    assert images.summary == (f"{tmp_path / 'photos'}: 12 images, no labels (a flat folder, not one level of class "
+                              f"folders)")
     assert not D.has_val_split("imagefolder", str(tmp_path / "photos"), 500)  # so the kNN monitor is off
     with pytest.raises(ValueError, match="no class folders, so no labels: no val split"):
         D.build_dataset("imagefolder", str(tmp_path / "photos"), "val", holdout_per_class=500)
