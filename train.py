@@ -526,12 +526,13 @@ class OutputFolder:
     live run into it is refused in one line. The lock (flock) ends with its process, so a killed run leaves none."""
 
     def __init__(self, path: Path, rank: int):
-        self.path, self.rank, self.lock = path, rank, None
+        self.path, self.rank, self.lock, self.made = path, rank, None, False
 
     def __enter__(self):
         if self.rank:
             return self
         try:
+            self.made = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             self.lock = open(self.path / "run.lock", "a+")
         except OSError as e:
@@ -554,6 +555,9 @@ class OutputFolder:
         if self.lock:
             fcntl.flock(self.lock, fcntl.LOCK_UN)
             self.lock.close()
+            if self.made and [p.name for p in self.path.iterdir()] == ["run.lock"]:  # a run that wrote nothing
+                (self.path / "run.lock").unlink()
+                self.path.rmdir()
 
 
 class Checkpoints:
@@ -728,6 +732,8 @@ def train(args) -> dict:
     the start and the end, checkpoints. SIGTERM or Ctrl-C save the step the run is at and return."""
     t_start = getattr(args, "t_start", None) or time.perf_counter()
     out_dir = Path(args.output_dir)
+    for cls in CONFIGS:  # bad values fail here, before the output folder is made
+        build(cls, args)
     with OutputFolder(out_dir, int(os.environ.get("RANK", 0))), StopSignals() as signals:
         run = setup(args)
         cfg, spe = run.config, run.steps_per_epoch
