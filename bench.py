@@ -20,8 +20,9 @@ precision (matmul_tflop_per_s) with the step's share of it (of_matmul).
 `--loader` times no step: one process on one thread makes the run's PIL views (ibot_min.MultiCropAugmentation:
 decode, crops, jitter, blur, masks, collation) of --steps batches after one warm-up batch, on the run's images, or,
 with the imagefolder dataset and no --data-path, on synthesised 500x375 JPEGs (ImageNet's typical size);
-loader_img_per_s_per_core is the median batch's rate. A run needs about img_per_s / loader_img_per_s_per_core
-loader processes (--workers) per accelerator, each on a core of its own.
+loader_img_per_s_per_core is the median batch's rate in this process's CPU time (a core shared with other
+processes does not lower it; wall_img_per_s is the wall clock's). A run needs about
+img_per_s / loader_img_per_s_per_core loader processes (--workers) per accelerator, each on a core of its own.
 """
 
 import argparse
@@ -223,16 +224,18 @@ def loader_rate(args, batches: int) -> dict:
                                      args.download, synthetic_size=args.global_size)
             files = [Path(path) for path, _ in getattr(images, "samples", [])[:256]]
             dataset = D.MultiCropDataset(images, aug, args.seed, args.pred_start_epoch)
-            times = []
-            for b in range(batches + 1):
-                t0 = time.perf_counter()
+            times, cpu_times = [], []  # wall clock; this process's CPU time, which other processes on the core
+            for b in range(batches + 1):  # do not inflate
+                t0, c0 = time.perf_counter(), time.process_time()
                 D.collate_crops([dataset[(b * args.batch_size + i) % len(dataset)] for i in range(args.batch_size)])
                 times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
             mean_kib = statistics.mean(f.stat().st_size for f in files) / 1024 if files else None
     finally:
         torch.set_num_threads(threads)
-    out = dict(loader_img_per_s_per_core=args.batch_size / statistics.median(times[1:]),
-               batch_s=statistics.median(times[1:]), batch_size=args.batch_size, batches=batches,
+    batch_cpu_s, batch_s = statistics.median(cpu_times[1:]), statistics.median(times[1:])
+    out = dict(loader_img_per_s_per_core=args.batch_size / batch_cpu_s, batch_cpu_s=batch_cpu_s,
+               wall_img_per_s=args.batch_size / batch_s, batch_s=batch_s, batch_size=args.batch_size, batches=batches,
                views=f"{aug.global_crops}x{aug.global_size} + {aug.local_crops}x{aug.local_size}", blur=aug.blur,
                images="synthesised 500x375 JPEG" if source == tmp else f"{args.dataset} {source or ''}".strip(),
                mean_file_kib=mean_kib, cpu=cpu_name(), cores=os.cpu_count(),

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def dry_run(out: Path, **env) -> tuple[subprocess.CompletedProcess, dict]:
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OUT": str(out), **env})
+                          text=True, timeout=300, check=False, env={**os.environ, "OUT": str(out), **env})
     return proc, json.loads((out / "gpu_check.json").read_text())
 
 
