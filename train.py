@@ -200,6 +200,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         notes.append(f"preset {preset}: the {device} recipe, since {'a' if device == 'GPU' else 'no'} CUDA device "
                      f"is in use (--preset {other} for the other one)")
     args = argparse.Namespace(**{**defaults, **preset_values, **given})
+    if "data_path" in given and "dataset" not in given and args.dataset in ("cifar10", "cifar100"):
+        args.dataset, args.download = "imagefolder", given.get("download", False)  # a folder of the user's images
+        notes.append(f"data: the images under {args.data_path} (--dataset imagefolder; --dataset "
+                     f"{preset_values.get('dataset')} for torchvision's files there)")
     local_cifar = os.environ.get(CIFAR10_DIR_ENV)
     if args.dataset == "cifar10" and local_cifar and not {"dataset", "data_path", "download"} & set(given):
         if not Path(local_cifar).is_dir():
@@ -309,11 +313,11 @@ MAY_CHANGE_ON_RESUME = {"preset", "output_dir", "resume", "load_from", "ckpt_eve
 def load_for_resume(path: Path, config: dict) -> dict:
     """The checkpoint to resume from, or one clear ValueError: damaged, or made with other settings."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = C.read_checkpoint(path)
         saved = ckpt["train_config"]
-    except Exception as e:  # a cut or foreign file: zip, pickle, EOF or key errors, whichever comes first
+    except (ValueError, KeyError) as e:  # cut, foreign or not ours
         raise ValueError(f"cannot resume from {path}: the file is damaged or not a train.py checkpoint "
-                         f"({type(e).__name__}); pass --no-resume to start afresh, or another --output-dir") from e
+                         f"({type(e).__name__}); pass --no-resume to start afresh, or another --output-dir") from None
     diff = {k: (saved[k], v) for k, v in config.items()  # fields a checkpoint predates are not compared
             if k in saved and k not in MAY_CHANGE_ON_RESUME and saved[k] != v}
     if diff:
@@ -393,6 +397,7 @@ def setup(args) -> Run:
 
     images = D.build_dataset(args.dataset, args.data_path, "train", args.holdout_per_class, args.limit_per_class,
                              args.download, synthetic_size=args.global_size)
+    print0(f"data: {images.summary}")
     if len(images) < args.batch_size * world:
         raise ValueError(f"the dataset has {len(images)} images, fewer than one global batch "
                          f"({args.batch_size * world})")
@@ -404,7 +409,7 @@ def setup(args) -> Run:
                                          prefetch_factor=4 if workers else None,
                                          generator=torch.Generator().manual_seed(args.seed))  # spares the global RNG
     if args.device_augment:  # decoded images stay on the device; crops and masks are made there per batch
-        pixels = D.decode_all(images, workers).to(device)
+        pixels = D.decode_all(images, workers, args.global_size).to(device)
         make_views = BV.BatchedMultiCrop(aug)
 
     def epoch_batches(epoch: int, start_batch: int):
@@ -469,7 +474,7 @@ def load_weights(model: M.IBOT, path: str) -> None:
     interpolated to this run's grid; the heads too where the file has them at this run's shapes."""
     ckpt = C.read_checkpoint(path)
     for side, net in (("student", model.student), ("teacher", model.teacher)):
-        source = C.load_backbone(ckpt, side if side in ckpt else "teacher")
+        source = C.load_backbone(ckpt, side if side in ckpt else "teacher", num_heads=M.ARCHS[model.cfg.arch]["num_heads"])
         state = source.state_dict()
         state["pos_embed"] = source.interpolate_pos_embed(*net.backbone.grid).detach()
         missing, unexpected = net.backbone.load_state_dict(state, strict=False)
@@ -641,6 +646,11 @@ class Log:
         self.scoring = bool(cfg.knn_every or cfg.knn_every_steps) and D.has_val_split(
             cfg.dataset, cfg.data_path, cfg.holdout_per_class)
         self.sums, self.n, self.t_row, self.t_print, self.last = {}, 0, time.perf_counter(), 0.0, None
+        if (cfg.knn_every or cfg.knn_every_steps) and not self.scoring:
+            print0("kNN monitor off: the images have no labels (no class folders); target_entropy, batch_entropy, "
+                   "prototypes_used and feature_cosine in log.jsonl show whether it learns (docs/small_data.md)"
+                   if not getattr(run.images, "labelled", True) else
+                   "kNN monitor off: no val split; pass --holdout-per-class N to hold out N images of each class")
 
     def write(self, row: dict) -> None:
         print0(json.dumps(row))

@@ -253,9 +253,10 @@ def test_default_data_is_torchvision_cifar10_or_the_folder_the_environment_names
     assert (args.dataset, args.data_path, args.download, args.holdout_per_class) == (
         "imagefolder", str(tmp_path), False, 500)
     assert any(str(tmp_path) in n and "held out" in n for n in args.notes)
-    # an explicit --data-path is never replaced
-    explicit = train.parse_args(["--preset", "cifar10-cpu", "--dataset", "imagefolder", "--data-path", "elsewhere"])
-    assert explicit.data_path == "elsewhere"
+    # an explicit --data-path is never replaced, and alone it names a folder of the user's images
+    explicit = train.parse_args(["--preset", "cifar10-cpu", "--data-path", "elsewhere"])
+    assert (explicit.dataset, explicit.data_path, explicit.download) == ("imagefolder", "elsewhere", False)
+    assert train.parse_args(["--dataset", "cifar10", "--data-path", "d/"]).dataset == "cifar10"
     monkeypatch.setenv(train.CIFAR10_DIR_ENV, str(tmp_path / "missing"))
     with pytest.raises(SystemExit):
         train.parse_args(["--preset", "cifar10-cpu"])
