@@ -38,7 +38,7 @@ import torchvision.transforms as T
 import data as D
 import checkpoints as C
 import ibot_min as M
-from runtime import pick_device, print0, setup_distributed
+from runtime import all_gather, pick_device, print0, setup_distributed
 
 
 def default_probe(embed_dim: int) -> tuple[int, int]:
@@ -67,18 +67,13 @@ def train_transform(size: int, channels: int = 3) -> T.Compose:
 
 
 def gather(t: torch.Tensor, world: int) -> torch.Tensor:
-    """Concatenate every rank's rows (shards may differ in length by one)."""
+    """Concatenate every rank's rows (shards may differ in length by one), through runtime's collectives."""
     if world == 1:
         return t
-    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([len(t)], device=t.device))
-    padded = t.new_zeros((int(max(sizes)), *t.shape[1:]))
+    sizes = [int(n) for n in all_gather(torch.tensor([len(t)]))]
+    padded = t.new_zeros((max(sizes), *t.shape[1:]))
     padded[:len(t)] = t
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
-
-
+    return torch.cat([p[:n] for p, n in zip(all_gather(padded), sizes)])
 
 
 @torch.no_grad()
