@@ -3,6 +3,7 @@ the schedules against their definitions, short real runs (weights move, budgets 
 and keeps the good checkpoint), the backbone's position grid and the official checkpoint layout, and the step's
 loss terms and gradients under bf16 against fp32."""
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -390,6 +391,7 @@ def official_checkpoint() -> tuple[dict, dict]:
     layout = json.loads((FIXTURES / "official_ibot_vit_small_keys.json").read_text())
     ckpt = {part: {k: torch.full(shape, float(i)) for i, (k, shape) in enumerate(layout[part].items())}
             for part in ("student", "teacher", "ibot_loss")}
+    ckpt["args"] = argparse.Namespace(**layout["args"])  # main_ibot.py saves its flags as they were parsed
     return ckpt, layout
 
 
