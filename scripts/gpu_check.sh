@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The GPU figures in one command, about 8 minutes on one H200, one JSON out: $OUT/gpu_check.json.
+# The GPU figures in one command, at most 8 minutes on one H200, one JSON out: $OUT/gpu_check.json.
 #   here:   python scripts/pack_cifar.py      # .gpu/cifar10.zip: 1,500 + 500 CIFAR-10 PNGs per class, 46 MiB
-#   there:  bash scripts/gpu_check.sh         # OUT=gpu_results by default; ZIP=.gpu/cifar10.zip
+#   there:  bash scripts/gpu_check.sh         # OUT=runs/gpu_check by default; ZIP=.gpu/cifar10.zip (git ignores
+#                                             # .gpu/: copy it beside the checkout)
 #           bash scripts/gpu_check.sh --dry-run   # (or DRY_RUN=1) the same stages on this CPU at tiny sizes, seconds
 # The stages, in this order, each under its own time limit:
 #   machine       the card, torch and torchvision, CPU cores
 #   step_eager    bench.py at the official ViT-S/16 shape (2x224 + 10x96 crops, batch 64 per GPU as the published
 #                 command, K = 8192, bf16, views made on the GPU): img/s, peak memory, MFU
 #   cifar10       the main job, `python train.py --budget 5m` (on CUDA the cifar10 preset), on the zip's images
-#                 (the last 500 of each class held out for kNN): its kNN curve and last row from log.jsonl
-#   step_compile  step_eager with --compile (its compilation inside the warm-up steps)
+#                 unpacked into DATA (default /tmp/ibot_cifar10; the last 500 of each class held out for kNN): its
+#                 kNN curve and last row from log.jsonl
+#   step_compile  step_eager with --compile (its compilation inside the warm-up steps), in the time left
 # A stage that fails or runs out of time leaves its exit code and the tail of its stderr in the JSON; the stages
 # after it still run, and the figures of every other stage stay. The command exits 1 when any stage failed.
 # TRAIN_FLAGS and STEP_FLAGS add flags to the cifar10 and the step stages.
@@ -17,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
 DRY_RUN=${DRY_RUN:-0}
-OUT=${OUT:-gpu_results}
+OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT/stages"
 export PYTHONUNBUFFERED=1
 STEP=(--preset imagenet-vit-s16 --dataset synthetic --batch-size 64 --out-dim 8192 --precision bf16 --device-augment)
@@ -47,7 +49,7 @@ EOF
       || exit 1
   fi
 else
-  DEADLINE=470; EAGER_S=75; CIFAR_S=330; DATA=${DATA:-$OUT/data}; ZIP=${ZIP:-.gpu/cifar10.zip}
+  DEADLINE=480; EAGER_S=75; CIFAR_S=330; DATA=${DATA:-/tmp/ibot_cifar10}; ZIP=${ZIP:-.gpu/cifar10.zip}
   STEP+=(--device cuda --steps 10)
   CIFAR=(--budget 5m)
   COMPILE_ENV=()
