@@ -299,6 +299,30 @@ def test_both_view_paths_flip_left_to_right_half_the_time():
         assert all(float((v[..., :8, :] - v[..., 8:, :].flip(-2)).abs().max()) < 0.05 for v in vs), name  # rows alike
 
 
+def test_global_and_local_crops_are_drawn_from_their_own_scale_ranges(monkeypatch):
+    aug = M.MultiCropAugmentation(global_size=16, local_size=8, global_crops=2, local_crops=3, patch_size=4,
+                                  global_scale=(0.4, 1.0), local_scale=(0.05, 0.3))
+    expected = [(0.4, 1.0)] * 2 + [(0.05, 0.3)] * 3
+    seen, pil_crop, batched_boxes = [], M.random_resized_crop_params, BV.BatchedMultiCrop.crop_boxes
+
+    def pil_recording(width, height, scale, *a, **kw):
+        seen.append(tuple(scale))
+        return pil_crop(width, height, scale, *a, **kw)
+
+    def batched_recording(self, n, height, width, scale, *a, **kw):
+        seen.append(tuple(scale))
+        return batched_boxes(self, n, height, width, scale, *a, **kw)
+
+    monkeypatch.setattr(M, "random_resized_crop_params", pil_recording)
+    crops, masks = aug(Image.new("RGB", (32, 32)), torch.Generator().manual_seed(0))
+    assert seen == expected and [c.shape[-1] for c in crops] == [16, 16, 8, 8, 8] and masks.shape == (2, 4, 4)
+    seen.clear()
+    monkeypatch.setattr(BV.BatchedMultiCrop, "crop_boxes", batched_recording)
+    global_crops, local_crops, _ = BV.BatchedMultiCrop(aug)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+                                                            torch.Generator().manual_seed(0))
+    assert seen == expected and global_crops.shape[-1] == 16 and local_crops.shape[-1] == 8
+
+
 def test_a_budget_is_mostly_used_and_ends_at_the_presets_final_values(tmp_path):
     budget, out = 20.0, tmp_path / "run"
     args = train.parse_args(TINY + ["--batch-size", "8", "--epochs", "1000", "--budget", f"{budget}s",
