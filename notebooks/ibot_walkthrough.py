@@ -36,7 +36,7 @@
 #
 # This notebook walks through every piece on real CIFAR-10 images, using the code in
 # [`ibot_min.py`](../ibot_min.py) (imported, never copied) and the data helpers of [`data.py`](../data.py).
-# The formulas follow [`SPEC.md`](../../shared/SPEC.md) and the paper; the symbols are the paper's:
+# The formulas follow [`docs/method.md`](../docs/method.md) and the paper; the symbols are the paper's:
 # $P_u$, $Q_{u,n}$, $\tau_t$, $\tau_s$, $\lambda_1$, $\lambda_2$, $c$, $c'$.
 #
 # | part | what you see |
@@ -46,8 +46,8 @@
 # | 3 | the ViT forward pass with a mask: where the `[MASK]` embedding enters, token shapes |
 # | 4 | the online tokenizer: the teacher's softmax over prototypes; centring and sharpening |
 # | 5 | the two loss terms by hand, next to `IBOTLoss` |
-# | 6 | a two-minute training run on CPU: losses, schedules, kNN accuracy before and after |
-# | 7 | what the teacher looks at: [CLS] attention, and the prototype of each patch |
+# | 6 | a short training run on CPU with the CPU recipe: losses, target entropies, kNN accuracy before and after |
+# | 7 | what the teacher looks at: [CLS] attention, patch tokens grouped, the prototype of each patch |
 #
 # It runs top to bottom in about three minutes on two CPU cores; everything random is seeded.
 #
@@ -57,6 +57,7 @@
 # `jupyter execute --inplace notebooks/ibot_walkthrough.ipynb` runs it and saves its outputs.
 
 # %%
+import dataclasses
 import math
 import os
 import sys
@@ -77,9 +78,10 @@ while not (ROOT / "ibot_min.py").is_file():
     ROOT = ROOT.parent
 sys.path.insert(0, str(ROOT))
 
+import batched_views as BV  # noqa: E402  the views of a whole batch at once
 import data as D  # noqa: E402  datasets and the multi-crop loader
 import ibot_min as M  # noqa: E402  the method
-import train as T  # noqa: E402  the per-parameter gradient clipping of the training script
+import train as T  # noqa: E402  the CPU recipe and the per-parameter gradient clipping of the training script
 
 torch.manual_seed(0)
 # A ViT-nano step is made of many small matrix products: on a 2-core machine one thread is faster than two.
@@ -90,20 +92,21 @@ print(f"repository: {ROOT}\ntorch {torch.__version__}, {torch.get_num_threads()}
 # %% [markdown]
 # ### The data
 #
-# Real CIFAR-10 images (32×32 pixels, 10 classes). The project keeps them as PNG files in
-# `../shared/data/cifar10/train` next to the repository; when that folder is missing, torchvision downloads
-# CIFAR-10 instead. The last 500 images of every class are held out as a validation split (the labels are only
-# used to *measure* the features with a kNN classifier, never to train).
+# Real CIFAR-10 images (32×32 pixels, 10 classes): the PNG files of a folder of class folders when the
+# environment variable `IBOT_CIFAR10_DIR` names one (as for `train.py`), otherwise torchvision's CIFAR-10,
+# downloaded once into `data/`. In a folder the last 500 images of every class are held out as a validation
+# split; torchvision's test split plays that part otherwise. The labels are only used to *measure* the features
+# with a kNN classifier, never to train.
 
 # %%
-DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train"
-if DATA.is_dir():
+DATA = os.environ.get("IBOT_CIFAR10_DIR")  # a folder of CIFAR-10's class folders, or None
+if DATA:
     print(f"CIFAR-10 from {DATA}")
-    train_all = D.build_dataset("imagefolder", str(DATA), "train", holdout_per_class=500)
-    val_all = D.build_dataset("imagefolder", str(DATA), "val", holdout_per_class=500)
+    train_all = D.build_dataset("imagefolder", DATA, "train", holdout_per_class=500)
+    val_all = D.build_dataset("imagefolder", DATA, "val", holdout_per_class=500)
 else:
-    print(f"{DATA} is not there: downloading CIFAR-10 with torchvision into {ROOT / 'data'} (170 MB, once); "
-          "its test split stands in for the validation split")
+    print(f"IBOT_CIFAR10_DIR is not set: CIFAR-10 from torchvision in {ROOT / 'data'} (a 170 MB download, "
+          "once); its test split stands in for the validation split")
     train_all = D.build_dataset("cifar10", str(ROOT / "data"), "train", download=True)
     val_all = D.build_dataset("cifar10", str(ROOT / "data"), "val", download=True)
 CLASSES = train_all.classes
@@ -485,10 +488,8 @@ print("centre update agrees:",
       and torch.allclose(loss_fn.patch_center, 0.9 * c_patch + 0.1 * t_patch.mean(dim=(0, 1)), atol=1e-6))
 
 # %% [markdown]
-# The module computes the same numbers in a few vectorised lines: for the [CLS] term it uses
-# $\sum_u \sum_{v \ne u} P_u \cdot \log s_v = (\sum_u P_u)\cdot(\sum_v \log s_v) - \sum_u P_u \cdot \log s_u$,
-# one pass over the views instead of $g(g+l-1)$ pairs. The loss uses the centres as they were *before*
-# the call and updates them afterwards.
+# The module computes the same numbers with tensor operations over the whole batch instead of loops. It uses
+# the centres as they were *before* the call and updates them afterwards.
 #
 # The [CLS] term is not far below $\ln K = 6.93$, the cross-entropy of any target with a uniform prediction:
 # an untrained student's softmax at $\tau_s = 0.1$ over logits that are cosines in $[-1, 1]$ is nearly flat.
@@ -499,21 +500,30 @@ print("centre update agrees:",
 # %% [markdown]
 # ## 6. A short training run
 #
-# Now the whole method on a CIFAR-10 subset: 3,000 images (300 per class), batches of 32, a couple of
-# minutes on a CPU. Per step:
+# Now the whole method on a CIFAR-10 subset of 3,000 images (300 per class), with the recipe `train.py` runs on
+# a CPU, `train.PRESETS["cifar10-cpu"]` (its choices are measured in [docs/cpu_recipe.md](../docs/cpu_recipe.md)).
+# Per step:
 #
-# 1. draw the views and masks of a batch (`MultiCropDataset` seeds each image's draws by (seed, epoch,
-#    index), `collate_crops` stacks them crop-major);
+# 1. draw the views and masks of a batch: `batched_views.BatchedMultiCrop` draws section 1's distributions for
+#    the whole batch at once in tensor operations, the fast data path `train.py` takes on a CPU;
 # 2. `loss = model(global_crops, local_crops, masks, tau_t, tau_t')`: teacher forward (no gradients),
 #    student forward, $\mathcal{L}$;
-# 3. a gradient step of the student with AdamW (weight decay on weights, not on biases and norms);
+# 3. a gradient step of the student with AdamW (weight decay on weights, not on biases and norms), each
+#    gradient clipped to norm 3 as in the official code;
 # 4. `model.update_teacher(m)`: $\theta_t \leftarrow m\,\theta_t + (1 - m)\,\theta_s$.
 #
-# Every knob follows a schedule over the run, as in the paper (whose schedules span hundreds of epochs;
-# here they are compressed into 100 steps): the learning rate warms up linearly then
-# decays along a cosine, the weight decay grows from 0.04 to 0.4 along a cosine, the **teacher momentum**
-# $m$ rises along a cosine to 1 (the teacher moves less and less), and the teacher temperatures
-# $\tau_t, \tau_t'$ warm up linearly from 0.04 to 0.07.
+# The knobs follow the schedules of the paper, compressed into this run: the learning rate warms up linearly
+# for the first 10% of the steps, then decays along a cosine; the weight decay grows from 0.04 to 0.4; the
+# **teacher momentum** $m$ rises along a cosine from 0.99 to 1 (the teacher moves less and less). Three values
+# are the CPU recipe's, not the paper's ImageNet ones, because short runs on small images need them:
+#
+# * a **cold teacher**: $\tau_t = \tau_t' = 0.04$ held for the whole run. The paper warms it up to 0.07; at
+#   initialisation the teacher's logits differ so little between images that at 0.07 its targets flatten to
+#   uniform, and the student then has nothing to learn (the [CLS] loss sits at $\ln K$);
+# * **KoLeo** (from DINOv2) at weight 0.1: $-\frac{1}{B}\sum_i \log \min_{j \ne i} \lVert z_i - z_j \rVert$
+#   over the student's normalised [CLS] features $z$ of each global crop's batch, which pushes every image's
+#   feature away from its nearest neighbour, so that different images do not collapse onto one feature;
+# * a peak learning rate of 4e-3 per 256 images, 8x the paper's.
 #
 # Before and after, we measure the teacher's features with the paper's **kNN** protocol: the L2-normalised
 # [CLS] output of 1,000 labelled training images forms a bank; each of 1,000 held-out images takes the vote of
@@ -531,66 +541,77 @@ def knn_accuracy(backbone):
     return M.knn_classify(*bank, *val, ks=(20,))[20]
 
 
+recipe = T.PRESETS["cifar10-cpu"]
+run_cfg = dataclasses.replace(cfg, koleo=recipe["koleo"])  # section 3's networks, with the KoLeo term
 torch.manual_seed(0)
-model = M.IBOT(cfg)  # a fresh model
+model = M.IBOT(run_cfg)  # a fresh model
 knn_before = knn_accuracy(model.teacher.backbone)
 print(f"kNN top-1 before training (random weights): {knn_before:.1f}%  (chance: 10%)")
 
 # %%
-STEPS, BATCH, LR, MOMENTUM = 100, 32, 5e-4, 0.99  # about two minutes on two CPU cores
+STEPS, BATCH = 100, 32  # about a minute and a half on two CPU cores
+LR = recipe["lr"] * BATCH / 256  # the peak, scaled from its value per 256 images
+TAU_T = recipe["teacher_temp"]  # tau_t = tau_t' = 0.04, held
 images = per_class(train_all, 300)
-dataset = D.MultiCropDataset(images, aug, seed=0)
-loader = torch.utils.data.DataLoader(dataset, BATCH, shuffle=True, drop_last=True, collate_fn=D.collate_crops,
-                                     generator=torch.Generator().manual_seed(0))
+pixels_all = torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image, _ in images])  # uint8
+make_views = BV.BatchedMultiCrop(aug)
+gen = torch.Generator().manual_seed(0)
 
 lr = M.cosine_schedule(LR, 1e-6, STEPS, warmup_steps=STEPS // 10)  # linear warm-up, then cosine
 weight_decay = M.cosine_schedule(0.04, 0.4, STEPS)
-momentum = M.cosine_schedule(MOMENTUM, 1.0, STEPS)  # m: the teacher slows down
-teacher_temp = M.linear_warmup(0.04, 0.07, STEPS * 3 // 10, STEPS)  # tau_t (and tau_t'): 0.04 -> 0.07
+momentum = M.cosine_schedule(recipe["momentum_teacher"], 1.0, STEPS)  # m: the teacher slows down
 optimizer = torch.optim.AdamW(M.param_groups(model.student), lr=0.0)
 
 probe = torch.stack([eval_tf(images[i * (len(images) // 64)][0]) for i in range(64)])  # 64 fixed images, all classes
 
 
 @torch.no_grad()
-def target_entropies(tau):
-    # Entropy of the teacher's [CLS] targets P_u and patch tokens Q_un on the probe images, with the current
-    # centres: per image (how sharp) and of their batch average (how many prototypes the batch uses).
-    t_cls, t_patch = model.teacher.head(model.teacher.backbone(probe))
-    P = F.softmax((t_cls - model.loss.center) / tau, dim=-1)
-    Q = F.softmax((t_patch - model.loss.patch_center) / tau, dim=-1).flatten(0, 1)
+def diagnostics():
+    # On the probe images, with the current centres: the entropy of the teacher's [CLS] targets P_u and patch
+    # tokens Q_un per image (how sharp) and of their batch average (how many prototypes the batch uses), and the
+    # mean cosine between different images' teacher [CLS] features (near 1: every image looks alike).
+    features = model.teacher.backbone(probe)
+    t_cls, t_patch = model.teacher.head(features)
+    P = F.softmax((t_cls - model.loss.center) / TAU_T, dim=-1)
+    Q = F.softmax((t_patch - model.loss.patch_center) / TAU_T, dim=-1).flatten(0, 1)
+    z = F.normalize(features[:, 0], dim=-1)
+    n = len(z)
     return {"P": entropy(P).mean().item(), "mean P": entropy(P.mean(0)).item(),
-            "Q": entropy(Q).mean().item(), "mean Q": entropy(Q.mean(0)).item()}
+            "Q": entropy(Q).mean().item(), "mean Q": entropy(Q.mean(0)).item(),
+            "cosine": ((z @ z.T).sum().item() - n) / (n * (n - 1))}
 
 
-history, entropies, step, start = [], [], 0, time.perf_counter()
-while step < STEPS:
-    for global_crops, local_crops, masks in loader:
-        if step == STEPS:
-            break
-        if step % 5 == 0:
-            entropies.append((step, target_entropies(float(teacher_temp[step]))))
-        for group in optimizer.param_groups:
-            group["lr"] = float(lr[step])
-        optimizer.param_groups[0]["weight_decay"] = float(weight_decay[step])  # group 1: biases, norms
-        out = model(global_crops, local_crops, masks, float(teacher_temp[step]), float(teacher_temp[step]))
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        T.clip_gradients(list(model.student.parameters()), 3.0)  # per parameter, as the official code
-        optimizer.step()
-        model.update_teacher(float(momentum[step]))
-        history.append({k: v.item() for k, v in out.items()})
-        step += 1
-    dataset.epoch += 1  # new views next epoch
+history, diagnosed, start = [], [], time.perf_counter()
+for step in range(STEPS):
+    if step % 10 == 0:
+        diagnosed.append((step, diagnostics()))
+    batch = torch.randint(len(images), (BATCH,), generator=gen)
+    global_crops, local_crops, masks = make_views(pixels_all[batch], gen)
+    for group in optimizer.param_groups:
+        group["lr"] = float(lr[step])
+    optimizer.param_groups[0]["weight_decay"] = float(weight_decay[step])  # group 1: biases, norms
+    out = model(global_crops, local_crops, masks, TAU_T, TAU_T)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    T.clip_gradients(list(model.student.parameters()), 3.0)  # per parameter, as the official code
+    optimizer.step()
+    model.update_teacher(float(momentum[step]))
+    history.append({k: v.item() for k, v in out.items()})
+diagnosed.append((STEPS, diagnostics()))
 train_seconds = time.perf_counter() - start
 print(f"{STEPS} steps of batch {BATCH} ({STEPS * BATCH} images, {STEPS * BATCH / len(images):.1f} epochs) "
       f"in {train_seconds:.0f} s")
 print(f"the teacher keeps {momentum.prod():.0%} of its initial weights (the product of all m)")
 knn_after = knn_accuracy(model.teacher.backbone)
 n_val = len(val_loader.dataset)
-noise = 100 * math.sqrt(0.25 * 0.75 / n_val)  # standard error of an accuracy near 25% on n_val images
+noise = 100 * math.sqrt(0.3 * 0.7 / n_val)  # the standard error of an accuracy near 30% on n_val images
 print(f"kNN top-1: {knn_before:.1f}% before, {knn_after:.1f}% after ({knn_after - knn_before:+.1f} points; "
       f"one accuracy on {n_val} images is uncertain by about +-{noise:.1f} points)")
+first, last = diagnosed[0][1], diagnosed[-1][1]
+print(f"[CLS] target entropy per image {first['P']:.2f} -> {last['P']:.2f}, of the batch mean "
+      f"{first['mean P']:.2f} -> {last['mean P']:.2f} (ln K = {math.log(cfg.out_dim):.2f}); feature cosine "
+      f"{first['cosine']:.2f} -> {last['cosine']:.2f}; [CLS] loss over the last 10 steps "
+      f"{np.mean([h['cls'] for h in history[-10:]]):.2f}")
 
 # %%
 fig, axes = plt.subplots(2, 2, figsize=(10, 5.4))
@@ -607,28 +628,30 @@ ax.set_title("losses")
 ax.legend(fontsize=8)
 
 ax = axes[0, 1]
-at = [s for s, _ in entropies]
+at = [s for s, _ in diagnosed]
 for key, style, name in (("P", "C0-", "[CLS] target $P_u$, per image"),
                          ("mean P", "C0--", "[CLS], batch average"),
                          ("Q", "C1-", "patch token $Q_{u,n}$, per patch"),
                          ("mean Q", "C1--", "patches, batch average")):
-    ax.plot(at, [e[key] for _, e in entropies], style, label=name)
+    ax.plot(at, [d[key] for _, d in diagnosed], style, label=name)
 ax.axhline(math.log(cfg.out_dim), color="gray", lw=1, ls="--")
 ax.set_title("entropy of the teacher's targets (nats)")
 ax.legend(fontsize=7)
 
 ax = axes[1, 0]
-ax.plot(steps, momentum, label="teacher momentum $m$")
+ax.plot(at, [d["cosine"] for _, d in diagnosed], "C4-", label="cosine of different images' features")
+ax.set_ylim(bottom=0)
 ax.set_xlabel("step")
-ax.set_title("EMA momentum")
-ax.legend(fontsize=8)
+ax.set_title("teacher [CLS] features, and KoLeo")
+ax_koleo = ax.twinx()
+ax_koleo.plot(steps, [h["koleo"] for h in history], color="C5", alpha=0.6, label="KoLeo term (student)")
+ax.legend(loc="upper left", fontsize=7)
+ax_koleo.legend(loc="upper right", fontsize=7)
 
 ax = axes[1, 1]
-ax.plot(steps, teacher_temp, label="$\\tau_t$, $\\tau_t'$")
-ax.axhline(0.1, color="C3", lw=1, label="$\\tau_s$")
-ax.set_ylim(0, 0.11)
+ax.plot(steps, momentum, label="teacher momentum $m$")
 ax.set_xlabel("step")
-ax.set_title("temperatures and learning rate")
+ax.set_title("schedules ($\\tau_t = \\tau_t'$ = 0.04 held)")
 ax_lr = ax.twinx()
 ax_lr.plot(steps, lr, color="C2", ls=":", label="learning rate")
 ax.legend(loc="lower left", fontsize=7)
@@ -637,115 +660,96 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# **What happened.** Read the kNN numbers with their noise: after two minutes the features are no better than
-# random ones. The curves show why. The [CLS] loss rose to $\ln K$ within a few dozen steps and stayed there,
-# and the entropy panel shows the reason: the teacher's targets $P_u$ became almost uniform. At random
-# initialisation the teacher gives nearly the same output for every image; centring subtracts exactly that
-# shared part, and what is left is too small to survive the softmax once $\tau_t$ warms up. Against a uniform
-# target the student can do no better than a uniform prediction, whose cross-entropy is $\ln K$. The patch
-# tokens $Q_{u,n}$ keep a little more structure. The MIM loss sits near $\ln K / 2$ rather than $\ln K$
-# because half of the global crops carry no mask and count as 0 in the batch mean (section 2); on the masked
-# patches themselves its cross-entropy is also close to $\ln K$.
+# **What happened.** (The figures here are from the run above on a 2-core AMD EPYC CPU, torch 2.14.1; they are
+# printed above each time the notebook runs.) The run is too short for the features to improve: kNN went from
+# 23.7% to 21.4%, within two standard errors of its start. The curves show where it stands. The [CLS] loss ends
+# at 6.81, a little below $\ln K = 6.93$, the cross-entropy of a uniform prediction: with the teacher held cold
+# its targets keep some shape, where a ramp of $\tau_t$ to 0.07 flattens them to uniform within a few dozen
+# steps and pins the loss at $\ln K$ ([docs/cpu_recipe.md](../docs/cpu_recipe.md)). The entropy panel shows the
+# centre at work: at step 0 the centre $c$ is still zero and the targets are sharp (4.68 per image), but they
+# are sharp in the same way for every image (5.43 for their batch mean); as $c$ learns the shared part of the
+# teacher's output and subtracts it, both entropies rise towards $\ln K$ (6.55 and 6.86 at the end): what
+# differs between images is still small next to $\tau_t$. KoLeo pushes the student's features apart, but the
+# teacher, which keeps 61% of its initial weights, follows slowly: the cosine between different images' teacher
+# features stays near 0.5. The MIM loss sits near $\ln K / 2$ because half of the global crops carry no mask and
+# count as 0 in the batch mean (section 2).
 #
-# This plateau is the normal start of DINO-style training, not a bug (SPEC.md lists "no learning on small
-# or custom datasets" among the problems users of the official code report). Leaving it takes thousands of
-# steps: the student has to become confident enough, through its prototype scale and $1/\tau_s$, to fit
-# sharper targets, and the teacher, which moves only by $1 - m$ per step, has to follow. The paper trains
-# ViT-S/16 for 800 ImageNet epochs, about a million steps of 1,024 images. This run shows the mechanics;
-# `train.py` (below) runs the long version.
+# Learning takes more steps than a notebook cell: with the same recipe at batch 64, `train.py --budget 4m` gains
+# about 7 kNN points over its random initialisation and one hour gains 17 (docs/cpu_recipe.md and the README).
+# The paper trains ViT-S/16 for 800 ImageNet epochs, about a million steps of 1,024 images.
 
 # %% [markdown]
 # ## 7. What the teacher looks at
 #
-# Two pictures that the paper uses to show what iBOT learns, drawn for our teacher on held-out images.
+# Three pictures of what iBOT learns, drawn for our teacher on held-out images by the functions of
+# [`visualize.py`](../visualize.py), which draws them for any checkpoint from the command line
+# (`python visualize.py --checkpoint CKPT --images FILE_OR_DIR ... --output OUT.png`: ours, and the official iBOT
+# and DINO ViTs at 224 px).
 #
 # **[CLS] attention.** In the last block, the attention weights from the [CLS] token to the 64 patches show
 # where the image-level representation gathers its information. DINO and iBOT report that, after long
 # training, these maps pick out the foreground object without ever being told what an object is. Each head
 # is drawn separately.
 #
-# **Patch tokens.** The teacher's patch tokens are the "visual words" of the MIM task. Colouring every patch
+# **Patch tokens grouped.** How each patch's output token differs from its image's mean token, projected on the
+# three directions along which those differences vary most (PCA over all the images shown) and drawn as red,
+# green and blue: patches of similar colour are represented alike.
+#
+# **Top prototype.** The teacher's patch tokens are the "visual words" of the MIM task. Colouring every patch
 # by its most probable prototype, $\arg\max_k Q_{u,n}$, shows how the tokenizer splits an image into parts.
 # The paper (Fig. 1 and Sec. 4.4) finds that patches of the same kind of part (the tyre of a car, the eye of a
 # dog) share prototypes across images: *local semantics*, learned without labels.
 
 # %%
+import visualize as V  # noqa: E402  the pictures of any checkpoint
+
 shown = [val_all.targets.index(c) + 1 for c in (0, 1, 4, 7, 8, 9)]  # held-out images of six classes
-x = torch.stack([eval_tf(val_all[i][0]) for i in shown])
+x = torch.stack([eval_tf(val_all[i][0]) for i in shown])  # (6, 3, 32, 32), normalised
+pixels = torch.stack([torch.from_numpy(np.array(val_all[i][0])) for i in shown]) / 255  # (6, 32, 32, 3) to show
+names = [CLASSES[val_all[i][1]] for i in shown]
 
 
-def draw_teacher(ibot, title):
-    """[CLS] attention of each head in the last block, and the top prototype of each patch, for the images shown."""
-    teacher = ibot.teacher
-    with torch.no_grad():
-        attention = teacher.backbone.get_last_selfattention(x)  # (B, heads, 1+N, 1+N)
-        t_cls, t_patch = teacher.head(teacher.backbone(x))
-    cls_to_patches = attention[:, :, 0, 1:].reshape(len(shown), -1, 8, 8)  # (B, heads, 8, 8)
-    heads = cls_to_patches.shape[1]
-    fig, axes = plt.subplots(len(shown), 2 + heads, figsize=(1.5 * (2 + heads), 1.5 * len(shown)))
-    tokens = (t_patch - ibot.loss.patch_center).argmax(-1).view(-1, 8, 8)  # the prototype of each patch
-    used = tokens.unique()
-    colour = torch.zeros(t_patch.shape[-1], dtype=torch.long)
-    colour[used] = torch.arange(len(used))  # prototype id -> colour index; the same colour in every image
-    cmap = plt.get_cmap("tab20", max(len(used), 2))
-    for row, index, maps, tok in zip(axes, shown, cls_to_patches, tokens):
-        row[0].imshow(val_all[index][0])
-        row[0].set_title(CLASSES[val_all[index][1]])
-        for h in range(heads):
-            row[1 + h].imshow(maps[h].numpy(), cmap="inferno")
-            row[1 + h].set_title(f"[CLS] attn, head {h}")
-        row[-1].imshow(colour[tok].numpy(), cmap=cmap, vmin=0, vmax=max(len(used) - 1, 1))
-        row[-1].set_title("prototype per patch")
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
+def draw_teacher(viewed: V.Viewed, title: str) -> None:
+    pictures = V.look(viewed, pixels, x)  # [CLS] attention, PCA colours, top prototypes
+    V.draw(pictures, names, title)
     plt.show()
-    print(f"{title}: {len(used)} different prototypes are the top choice of the {tokens.numel()} patches shown "
-          f"(K = {t_patch.shape[-1]})")
+    print(f"{title}: {pictures.prototypes.unique().numel()} different prototypes are the top choice of the "
+          f"{pictures.prototypes.numel()} patches shown (K = {V.patch_prototypes(viewed.head)})")
 
 
-draw_teacher(model, "the 2-minute model")
+model.eval()
+draw_teacher(V.Viewed(model.teacher.backbone, model.teacher.head, model.loss.patch_center.flatten()),
+             "the model of section 6")
 
 # %% [markdown]
-# After two minutes the teacher is still mostly its random initialisation (see the kNN numbers and the
-# share of initial weights it keeps), so these pictures are the *starting point*: the attention maps do not
-# outline the objects, and the prototype map groups patches by colour and brightness (sky, water,
-# background), which a random patch embedding, a linear map of the pixels, already does. After a long run
-# the same two cells show what the paper reports: [CLS] attention that follows the object's outline, and
-# prototypes shared by the same kind of part across images (wheels, heads, sky) rather than by the same
-# colour. The code needs no change for that: load a longer run's checkpoint into an `IBOT` of the same
-# configuration (`model.load_checkpoint(torch.load(path))`) and run the cell again.
+# After a short run the teacher is still close to its random initialisation (see the share of initial weights
+# it keeps), so these pictures are near the *starting point*: the attention maps do not outline the objects, and
+# both the colours and the prototype map group patches by colour and brightness (sky, water, background), which
+# a random patch embedding, a linear map of the pixels, already does. After a long run the same cell shows what
+# the paper reports: [CLS] attention that follows the object's outline, and prototypes shared by the same kind of
+# part across images (wheels, heads, sky) rather than by the same colour.
 
 # %% [markdown]
 # **The shipped model.** `models/ibot_vit_nano_cifar10.pth` is the teacher of a one-hour run on a 2-core CPU,
-# `python train.py --budget 60m`: the same model size with the `cifar10-cpu` recipe for 6,665 steps of 64
-# images, 9.5 epochs (README, "One hour, and the shipped model"). That recipe differs from this notebook's run in
-# three values: $\tau_t$ and $\tau_t'$ are held at 0.04 instead of warming up to 0.07, the peak learning rate is
-# 4x higher, and DINOv2's KoLeo term (weight 0.1) keeps different images' features apart. It loads with
-# `torch.load(..., weights_only=True)`; its config rebuilds the `IBOT` it came from.
+# `python train.py --budget 60m`: the same model size and the `cifar10-cpu` recipe of section 6, for 6,665 steps
+# of 64 images, 9.5 epochs (README, "One hour, and the shipped model"). `visualize.load` reads it as it reads any
+# checkpoint, with `torch.load(..., weights_only=True)`: its teacher's backbone, its head and the centre $c'$.
 
 # %%
-import dataclasses  # noqa: E402
-
-shipped = torch.load(ROOT / "models" / "ibot_vit_nano_cifar10.pth", map_location="cpu", weights_only=True)
-fields = {f.name for f in dataclasses.fields(M.IBOTConfig)}
-trained = M.IBOT(M.IBOTConfig(**{k: v for k, v in shipped["config"].items() if k in fields}))
-trained.teacher.load_state_dict(shipped["teacher"])
-trained.loss.center.copy_(shipped["ibot_loss"]["center"])
-trained.loss.patch_center.copy_(shipped["ibot_loss"]["center2"])
-print(f"shipped model: {shipped['step']} steps of {shipped['train_config']['batch_size']} images; "
-      f"kNN top-1 here {knn_accuracy(trained.teacher.backbone):.1f}% (the 2-minute model: {knn_after:.1f}%)")
-draw_teacher(trained, "the shipped model")
+shipped = V.load(ROOT / "models" / "ibot_vit_nano_cifar10.pth")
+knn_shipped = knn_accuracy(shipped.backbone)
+print(f"shipped model: kNN top-1 here {knn_shipped:.1f}% (the model of section 6: {knn_after:.1f}%)")
+draw_teacher(shipped, "the shipped model")
 
 # %% [markdown]
 # **Nearest neighbours.** What the kNN score counts: for a few held-out images, the five bank images whose
 # teacher [CLS] features are most similar (cosine), with their classes.
 
 # %%
-bank_features, bank_labels = M.extract_features(trained.teacher.backbone, bank_loader)
+bank_features, bank_labels = M.extract_features(shipped.backbone, bank_loader)
 bank_images = per_class(train_all, 100)
-query_features = F.normalize(trained.teacher.backbone(x)[:, 0], dim=-1)
+with torch.no_grad():
+    query_features = F.normalize(shipped.backbone(x)[:, 0], dim=-1)
 nearest = (query_features @ bank_features.T).topk(5, dim=1).indices  # (6, 5)
 fig, axes = plt.subplots(len(shown), 6, figsize=(9, 1.6 * len(shown)))
 for row, index, neighbours in zip(axes, shown, nearest):
@@ -770,7 +774,7 @@ print(f"{hits} of {nearest.numel()} neighbours share the query's class")
 # sky), but a prototype still stands for a region of similar colour and texture, not yet for a part such as a
 # wheel or a head. The [CLS] attention maps are still scattered: they do not outline the object.
 #
-# Its training left the plateau of section 6: with $\tau_t$ held at 0.04 the [CLS] loss fell from
+# Its training goes on where section 6 stops: with $\tau_t$ held at 0.04 the [CLS] loss fell from
 # $\ln K = 6.93$ to 5.1 over the hour and the teacher's per-image target entropy from 6.1 to 3.3, while the
 # entropy of the batch average stayed near 5.8: confident targets that differ from image to image. Its kNN score
 # rose for the whole hour, 26.7% at initialisation to 43.6% (README, with the curve). The paper's pictures come
@@ -784,7 +788,8 @@ print(f"{hits} of {nearest.numel()} neighbours share the query's class")
 #   multi-GPU commands. Its CPU recipe holds $\tau_t$ at 0.04, raises the learning rate and adds DINOv2's
 #   KoLeo regulariser (`--koleo 0.1`), which pushes each image's [CLS] feature away from its nearest neighbour in
 #   the batch; README "Results" has the ablations and the curves of a five-minute and a one-hour run.
-# * `checkpoints.load_backbone(path)` reads this project's checkpoints as well as the official iBOT and DINO
-#   ones, so the attention maps of section 7 can be redrawn for a fully trained ViT-S/16.
-# * [`SPEC.md`](../../shared/SPEC.md) states every formula and recipe value used above, with the paper's
-#   published results.
+# * `python visualize.py --checkpoint ibot_vits16_checkpoint.pth --images photos/ --output look.png` draws the
+#   pictures of section 7 for a fully trained official ViT-S/16 (224 px); `checkpoints.load_backbone(path)` reads
+#   this project's checkpoints as well as the official iBOT and DINO ones and timm's.
+# * [`docs/method.md`](../docs/method.md) states every formula and recipe value used above, with the official
+#   ViT-S/16 recipe.
