@@ -671,8 +671,8 @@ plt.show()
 # teacher's output and subtracts it, both entropies rise towards $\ln K$ (6.55 and 6.86 at the end): what
 # differs between images is still small next to $\tau_t$. KoLeo pushes the student's features apart, but the
 # teacher, which keeps 61% of its initial weights, follows slowly: the cosine between different images' teacher
-# features stays near 0.5. The MIM loss sits near $\ln K / 2$ because half of the global crops carry no mask and
-# count as 0 in the batch mean (section 2).
+# features stays between 0.5 and 0.6. The MIM loss, about 2.9, sits below $\ln K / 2$ because half of the global
+# crops carry no mask and count as 0 in the batch mean (section 2).
 #
 # Learning takes more steps than a notebook cell: with the same recipe at batch 64, `train.py --budget 4m` gains
 # about 7 kNN points over its random initialisation and one hour gains 17 (docs/cpu_recipe.md and the README).
