@@ -13,7 +13,7 @@ One row per image, from left to right:
     the images drawn together, so a colour means the same in every row;
   * when the checkpoint has a projection head (ours and the official iBOT / DINO files keep it under the teacher's
     and the student's `head.` keys, with `last_layer` prototypes): each patch's top prototype,
-    argmax_k (t_{u,n} - c')_k, the teacher's visual token of that patch (docs/method.md, "the online tokenizer"),
+    argmax_k (t_{u,n} - c')_k, the teacher's visual token of that patch (docs/method.md, "The loss": Q_{u,n}),
     one colour per prototype, the same in every row.
 
 A missing file, a file that is not an image and a damaged checkpoint each give one line on stderr and exit code 2.
