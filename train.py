@@ -640,9 +640,9 @@ class Log:
     """The run's record: log.jsonl rows (the means of the loss terms since the last row, the schedules, img/s,
     the diagnostics and, when due, the kNN score), and a progress line at least every 8 s."""
 
-    def __init__(self, run: "Run", out_dir: Path, t_start: float):
+    def __init__(self, run: "Run", out_dir: Path, t_start: float, non_finite: typing.Callable):
         cfg = run.config
-        self.run, self.path, self.t_start = run, out_dir / "log.jsonl", t_start
+        self.run, self.path, self.t_start, self.non_finite = run, out_dir / "log.jsonl", t_start, non_finite
         self.scoring = bool(cfg.knn_every or cfg.knn_every_steps) and D.has_val_split(
             cfg.dataset, cfg.data_path, cfg.holdout_per_class)
         self.sums, self.n, self.t_row, self.t_print, self.last = {}, 0, time.perf_counter(), 0.0, None
@@ -682,7 +682,7 @@ class Log:
             return {}
         means = {k: float(v) / self.n for k, v in self.sums.items()}
         if any_rank(not all(math.isfinite(v) for v in means.values()))[0]:
-            raise NonFiniteLoss(f"non-finite loss in the steps up to {step}")
+            raise self.non_finite(f"in the steps up to {step}")
         run = self.run
         row = dict(epoch=epoch, step=step, images_seen=step * run.global_batch, **means, **s,
                    img_per_s=self.n * run.global_batch / (time.perf_counter() - self.t_row),
@@ -752,7 +752,7 @@ def train(args) -> dict:
                   if k not in ("t_start", "notes")}
         checkpoints = Checkpoints(run, out_dir / "checkpoint.pth", config)
         schedules, step, knn_s = checkpoints.resume(Schedules(args, total, spe, run.global_batch))
-        log = Log(run, out_dir, t_start)
+        log = Log(run, out_dir, t_start, checkpoints.non_finite)
         print0(f"iBOT {args.arch}/{args.patch_size} on {cfg.dataset} ({len(run.images)} images), {run.world} x "
                f"{cfg.device}, {cfg.precision}, batch {run.global_batch}, {schedules.total} steps")
         if log.scoring and step == 0:
