@@ -7,7 +7,7 @@ batches, so the training loop carries no benchmarking. Every train.py flag sets 
 the next batches while a step runs) off the cores being timed. Prints one JSON line.
 
     python bench.py --preset cifar10 --dataset synthetic --arch vit_tiny --patch-size 4 --global-size 32 --local-size 16 \\
-        --local-crops 6 --batch-size 64 --out-dim 4096 --device cpu --device-augment --steps 5   # the README's CPU shape
+        --local-crops 6 --batch-size 64 --out-dim 4096 --device cpu --device-augment --steps 5   # docs/performance.md's CPU shape
     python bench.py [same flags] --profile     # + a torch.profiler table of one step, operators by self time
     python bench.py [same flags] --attention   # + SDPA against matmul + softmax at the step's shapes
     python bench.py [same flags] --matmuls     # + the step's matrix products timed alone: the step's floor

@@ -1,4 +1,4 @@
-"""Evaluate a frozen ViT backbone: weighted kNN and a linear probe (../shared/SPEC.md, "Evaluation protocols").
+"""Evaluate a frozen ViT backbone: weighted kNN and a linear probe (docs/method.md, "Evaluation protocols").
 
 Reads our checkpoints (the teacher unless --which student), official iBOT / DINO ones (full or backbone-only)
 and timm ViT state dicts, all with torch.load(weights_only=True); position embeddings are interpolated to the
@@ -7,7 +7,7 @@ it runs both.
 
 CPU or one GPU, a train.py CIFAR-10 run (the last 500 images of each class are the val split, as in training):
     python eval_linear.py --checkpoint runs/ibot/checkpoint.pth --dataset imagefolder \\
-        --data-path ../shared/data/cifar10/train --holdout-per-class 500 --knn --linear --lrs 1e-3 1e-2 0.1
+        --data-path "$IBOT_CIFAR10_DIR" --holdout-per-class 500 --knn --linear --lrs 1e-3 1e-2 0.1
 An official ViT-S/16 on ImageNet (<path>/train and <path>/val), the full protocol (augmentation, 100 epochs):
     python eval_linear.py --checkpoint ibot_vits16_teacher.pth --dataset imagefolder --data-path /data/imagenet \\
         --linear --full --batch-size 1024

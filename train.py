@@ -664,7 +664,8 @@ class Log:
     def first_row(self) -> float:
         """The random-init kNN score, step 0; returns what one score costs (kept free at the end of a budget)."""
         t0 = time.perf_counter()
-        self.write(dict(epoch=0, step=0, images_seen=0, knn_top1=self.knn(), elapsed_s=t0 - self.t_start))
+        top1 = self.knn()
+        self.write(dict(epoch=0, step=0, images_seen=0, knn_top1=top1, elapsed_s=time.perf_counter() - self.t_start))
         return time.perf_counter() - t0
 
     def knn_due(self, step: int, epochs_done: int | None, last: bool) -> bool:

@@ -5,7 +5,7 @@ step by step cancels that).
     git worktree add /tmp/before HEAD~1
     python scripts/ab_step.py /tmp/before . [--rounds 8] [-- train.py flags]
 
-Each tree's train.py builds its run (train.setup) from the same flags, by default the README's CPU benchmark shape
+Each tree's train.py builds its run (train.setup) from the same flags, by default the CPU benchmark shape of docs/performance.md
 with views drawn on the device; then each round times one train.train_step of A, then one of B, on a batch drawn
 beforehand. Two warm-up rounds are not counted. Prints one JSON line per tree (median and minimum seconds per step,
 img/s) and a last line with B's speed over A's.

@@ -1,12 +1,12 @@
 #!/bin/bash
-# The 4-minute runs behind the cifar10-cpu preset (README, "How the preset was chosen"), one at a time.
+# The 4-minute runs behind the cifar10-cpu preset (docs/cpu_recipe.md), one at a time.
 # Each writes runs/probe/NAME-sSEED/ (log.jsonl with kNN every 250 steps and the diagnostics, curves.png).
 # Then: python plot_run.py --compare knn.png runs/probe/*-s*    (the kNN curves, one colour a recipe)
 # usage: bash scripts/ablate_cpu.sh [BUDGET]    (default 4m; about 4.5 minutes a run on 2 cores, 12 runs)
 set -e
 cd "$(dirname "$0")/.."
 B=${1:-4m}
-PREVIOUS="--teacher-temp 0.07 --warmup-teacher-temp 0.04 --koleo 1 --lr 1e-3"  # the preset before this change
+PREVIOUS="--teacher-temp 0.07 --warmup-teacher-temp 0.04 --koleo 1 --lr 1e-3"  # the recipe before the cold teacher
 run() { name=$1 seed=$2; shift 2; python train.py --budget "$B" --seed "$seed" --knn-every-steps 250 \
         --no-resume --output-dir "runs/probe/$name-s$seed" "$@"; }
 for seed in 0 1 2; do

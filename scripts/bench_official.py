@@ -1,4 +1,4 @@
-"""The official iBOT step against ours, side by side in one process, at the README's CPU benchmark shape.
+"""The official iBOT step against ours, side by side in one process, at the CPU benchmark shape of docs/performance.md.
 
     git clone https://github.com/bytedance/ibot /tmp/ibot && pip install timm
     python scripts/bench_official.py /tmp/ibot [--rounds 10]
