@@ -790,8 +790,14 @@ def train(args) -> dict:
                 if stopped:
                     break
                 epochs_done = step // spe if step % spe == 0 else None
-                log.row(epochs_done or round(step / spe, 3), step, s, batch,
-                        log.knn_due(step, epochs_done, step >= schedules.total))
+                knn = log.knn_due(step, epochs_done, step >= schedules.total)
+                if knn and step >= schedules.total and args.budget_s:  # the last score only if the budget holds it
+                    left = args.budget_s - slowest_rank(time.perf_counter() - t_start)[0]
+                    if left < 1.1 * knn_s + 2:
+                        knn = False
+                        print0(f"budget: {max(left, 0):.0f}s left, too few for the final kNN score (about "
+                               f"{knn_s:.0f}s): skipped")
+                log.row(epochs_done or round(step / spe, 3), step, s, batch, knn)
                 if (epoch + 1) % cfg.ckpt_every == 0 or step >= schedules.total:
                     if not checkpoints.save(step, schedules, knn_s):
                         raise checkpoints.non_finite(f"weights at step {step}")

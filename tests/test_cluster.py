@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -333,3 +334,15 @@ def test_torchrun_imagenet_preset_survives_sigterm_and_resumes(tmp_path):
     assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 32  # 16 images / (2 x 2) x 8 epochs
     rows = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 32 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_a_budget_too_short_for_the_final_knn_score_skips_it_and_ends_on_time(folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "knn_monitor", lambda *a: (time.sleep(3), 50.0)[1])  # a slow CPU's kNN: 3 s a score
+    out = tmp_path / "run"
+    summary = train.train(train.parse_args(TINY + ["--data-path", str(folder), "--holdout-per-class", "4",
+                                                   "--epochs", "1000", "--budget", "8s", "--knn-every", "1000",
+                                                   "--output-dir", str(out)]))
+    rows = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
+    assert "knn_top1" in rows[0] and "knn_top1" not in rows[-1]  # the first score, and no second one past the budget
+    assert "too few for the final kNN score" in capsys.readouterr().out
+    assert summary["train_s"] < 8 + 2.5 and rows[-1]["step"] == summary["total"]
