@@ -540,6 +540,20 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
     return torch.cat([warm, cos])
 
 
+def wsd_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                 decay_fraction: float = 0.2) -> torch.Tensor:
+    """Warmup-stable-decay: a linear warm-up from 0 to base, base held, then a linear decay to `final` over the
+    last decay_fraction of the steps -> (total_steps,) float64 (Hu et al. 2024, MiniCPM; Hägele et al. 2024).
+    A short run spends most of its steps at the peak rate where a cosine has already begun to fall."""
+    if total_steps < 1:
+        raise ValueError(f"a schedule needs at least one step, got {total_steps}")
+    decay = max(1, round(decay_fraction * total_steps))
+    warmup_steps = min(warmup_steps, total_steps - decay)
+    return torch.cat([torch.linspace(0.0, base, warmup_steps, dtype=torch.float64),
+                      torch.full((total_steps - warmup_steps - decay,), base, dtype=torch.float64),
+                      torch.linspace(base, final, decay + 1, dtype=torch.float64)[1:]])
+
+
 def linear_warmup(start: float, end: float, warmup_steps: int, total_steps: int, hold_steps: int = 0) -> torch.Tensor:
     """`start` for hold_steps, a linear ramp to `end` (reached at the ramp's last step), then `end`.
     The teacher temperatures: tau_t 0.04 -> 0.07, tau_t' likewise, held until pred_start_epoch."""

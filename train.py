@@ -71,6 +71,8 @@ class TrainConfig:
     epochs: int = 100
     lr: float = 5e-4  # peak, per 256 images of the global batch
     min_lr: float = 1e-6
+    lr_schedule: str = "cosine"  # cosine | wsd (warm-up, constant, linear decay over the last 20% of the run)
+    optimizer: str = "adamw"  # adamw | muon (torch.optim.Muon on the blocks' and heads' matrices, AdamW elsewhere)
     warmup_epochs: float = 10
     weight_decay: float = 0.04  # cosine to weight_decay_end
     weight_decay_end: float = 0.4
@@ -108,6 +110,13 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.budget is not None:
             parse_duration(self.budget)
+        if self.lr_schedule not in ("cosine", "wsd"):
+            raise ValueError(f"--lr-schedule must be cosine or wsd, got {self.lr_schedule!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+            raise ValueError(f"--optimizer muon needs torch.optim.Muon (torch >= 2.9); this is torch "
+                             f"{torch.__version__}: upgrade torch or pass --optimizer adamw")
 
 
 # A folder of CIFAR-10 class folders to use instead of torchvision's download (an offline lab, this project's CI).
@@ -131,6 +140,7 @@ PRESETS["cifar10-cpu"] = {**PRESETS["cifar10"], "arch": "vit_nano", "out_dim": 1
 PRESETS["cifar100"] = {**PRESETS["cifar10"], "dataset": "cifar100"}
 CONFIGS = (M.IBOTConfig, M.MultiCropAugmentation, TrainConfig)
 CHOICES = dict(arch=sorted(M.ARCHS), centering=["center", "sinkhorn"], mask_shape=["block", "rand"],
+               lr_schedule=["cosine", "wsd"], optimizer=["adamw", "muon"],
                precision=["fp32", "bf16", "fp16"], device=["cuda", "mps", "cpu"])
 NOT_FLAGS = {"mean", "std"}  # the views' normalisation follows the data (ImageNet statistics)
 
@@ -246,7 +256,8 @@ class Schedules:
         def steps(epochs):
             return round(epochs * per_epoch)
 
-        self.lr = M.cosine_schedule(args.lr * global_batch / 256, args.min_lr, total, steps(args.warmup_epochs))
+        lr_schedule = M.wsd_schedule if args.lr_schedule == "wsd" else M.cosine_schedule
+        self.lr = lr_schedule(args.lr * global_batch / 256, args.min_lr, total, steps(args.warmup_epochs))
         self.wd = M.cosine_schedule(args.weight_decay, args.weight_decay_end, total)
         self.momentum = M.cosine_schedule(args.momentum_teacher, 1.0, total)
         self.teacher_temp = M.linear_warmup(args.warmup_teacher_temp, args.teacher_temp,
@@ -272,6 +283,40 @@ class Schedules:
         i = min(step, self.total - 1)
         return dict(lr=float(self.lr[i]), wd=float(self.wd[i]), momentum=float(self.momentum[i]),
                     teacher_temp=float(self.teacher_temp[i]), teacher_patch_temp=float(self.teacher_patch_temp[i]))
+
+
+class MuonWithAdamW:
+    """--optimizer muon: torch.optim.Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers") on the
+    2-D weights of the transformer blocks and of the head's MLP, with the update scaled to AdamW's RMS (Liu et
+    al. 2025, "Muon is scalable for LLM training"), so that the lr and weight-decay schedules carry over
+    unchanged; AdamW, as the official code, on the rest (patch embedding, tokens, norms, biases, prototypes).
+    One optimiser to the loop: param_groups are AdamW's two (decayed, not) then Muon's one."""
+
+    def __init__(self, model: torch.nn.Module, adamw_kwargs: dict):
+        matrices = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2
+                    and (".blocks." in n or ".mlp." in n) and "last_layer" not in n]
+        chosen = {id(p) for p in matrices}
+        rest = torch.nn.ParameterList([p for p in model.parameters() if p.requires_grad and id(p) not in chosen])
+        self.adamw = torch.optim.AdamW(M.param_groups(rest), lr=0.0, **adamw_kwargs)
+        self.muon = torch.optim.Muon(matrices, lr=0.0, adjust_lr_fn="match_rms_adamw")
+        self.param_groups = self.adamw.param_groups + self.muon.param_groups
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.adamw.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.adamw.zero_grad(set_to_none)
+        self.muon.zero_grad(set_to_none)
+
+    def state_dict(self):
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self.muon.load_state_dict(state_dict["muon"])
+        self.param_groups = self.adamw.param_groups + self.muon.param_groups
 
 
 @torch.no_grad()
@@ -364,7 +409,7 @@ class Run:
     config: TrainConfig  # the same values, typed: what the loop reads
     model: M.IBOT
     student: torch.nn.Module  # model.student, or its DistributedDataParallel wrapper on several ranks
-    optimizer: torch.optim.Optimizer
+    optimizer: typing.Any  # torch.optim.AdamW, or MuonWithAdamW
     scaler: torch.amp.GradScaler
     autocast: typing.Any
     device: str
@@ -373,6 +418,7 @@ class Run:
     images: torch.utils.data.Dataset
     steps_per_epoch: int
     epoch_batches: typing.Callable  # (epoch, start_batch) -> batches (global, local, masks), crop-major
+    decayed: tuple = ()  # per optimizer param group: whether the weight-decay schedule applies to it
 
     @property
     def global_batch(self) -> int:
@@ -427,8 +473,9 @@ def setup(args) -> Run:
     if args.load_from:
         load_weights(model, args.load_from)
     torch.manual_seed(args.seed + 1 + rank)  # drop path differs per rank; data draws are seeded per sample
-    optimizer = torch.optim.AdamW(M.param_groups(model.student), lr=0.0,  # fused: one kernel for all parameters
-                                  **({"fused": True} if args.device in ("cuda", "cpu") else {}))
+    fused = {"fused": True} if args.device in ("cuda", "cpu") else {}  # fused AdamW: one kernel for all parameters
+    optimizer = (MuonWithAdamW(model.student, fused) if args.optimizer == "muon" else
+                 torch.optim.AdamW(M.param_groups(model.student), lr=0.0, **fused))
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     autocast = nullcontext() if dtype is None else torch.autocast(args.device, dtype=dtype)
     scaler = torch.amp.GradScaler(args.device, enabled=args.precision == "fp16")
@@ -440,17 +487,19 @@ def setup(args) -> Run:
     if world > 1:  # torch's DDP averages the gradients, overlapping the all-reduce with the backward pass
         student = torch.nn.parallel.DistributedDataParallel(model.student,
                                                             device_ids=[local_rank] if args.device == "cuda" else None)
+    decayed = tuple(group["weight_decay"] != 0 for group in optimizer.param_groups)  # before any checkpoint loads
     return Run(args, config, model, student, optimizer, scaler, autocast, device, rank, world, images,
-               len(sampler) // args.batch_size, epoch_batches)
+               len(sampler) // args.batch_size, epoch_batches, decayed)
 
 
 def train_step(run: Run, batch, s: dict, freeze_last_layer: bool) -> dict:
     """One step: loss, backward, clipping, AdamW, EMA of the teacher. `s`: this step's schedule values."""
     model, optimizer, scaler = run.model, run.optimizer, run.scaler
     global_crops, local_crops, masks = (None if t is None else t.to(run.device, non_blocking=True) for t in batch)
-    for group in optimizer.param_groups:
+    for group, decayed in zip(optimizer.param_groups, run.decayed):
         group["lr"] = s["lr"]
-    optimizer.param_groups[0]["weight_decay"] = s["wd"]  # group 1 (biases, 1-D) is never decayed
+        if decayed:  # the groups of biases and 1-D parameters are never decayed
+            group["weight_decay"] = s["wd"]
     with run.autocast:
         out = model(global_crops, local_crops, masks, s["teacher_temp"], s["teacher_patch_temp"], student=run.student)
     optimizer.zero_grad(set_to_none=True)

@@ -229,6 +229,90 @@ def test_peak_lr_is_lr_times_global_batch_over_256_at_the_end_of_warmup(global_b
     assert lrs[-1] == args.min_lr
 
 
+def test_wsd_warms_up_holds_the_peak_and_decays_linearly_over_the_last_fifth():
+    args, sch = schedules("--epochs", "20", "--warmup-epochs", "4", "--lr-schedule", "wsd")
+    peak, warm, total, decay = args.lr * 64 / 256, 40, 200, 40
+    lrs = [sch.at(i)["lr"] for i in range(total)]
+    assert lrs[0] == 0.0 and lrs[warm - 1] == pytest.approx(peak, rel=1e-12)
+    assert lrs[warm // 2] == pytest.approx(peak * (warm // 2) / (warm - 1))
+    assert lrs[warm - 1:total - decay] == pytest.approx([peak] * (total - decay - warm + 1), rel=1e-12)
+    for k in (1, 17, decay):  # k steps into the decay: a straight line from the peak to min_lr
+        assert lrs[total - decay - 1 + k] == pytest.approx(peak + (args.min_lr - peak) * k / decay, rel=1e-9)
+    assert lrs[-1] == args.min_lr
+    # the other schedules do not depend on the lr's shape
+    _, cos = schedules("--epochs", "20", "--warmup-epochs", "4")
+    for i in (0, 99, total - 1):
+        assert {k: v for k, v in sch.at(i).items() if k != "lr"} == {k: v for k, v in cos.at(i).items() if k != "lr"}
+
+
+@pytest.mark.parametrize("total, warmup", [(1, 0), (2, 5), (5, 4), (7, 0), (1000, 37)])
+def test_wsd_has_one_value_per_step_and_ends_at_final(total, warmup):
+    lrs = M.wsd_schedule(2.0, 0.1, total, warmup)
+    assert lrs.shape == (total,) and float(lrs[-1]) == 0.1 and float(lrs.max()) <= 2.0
+    assert float(lrs.min()) >= 0.0
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5, abc=(3.4445, -4.775, 2.0315)) -> torch.Tensor:
+    """Muon's orthogonalisation in float64: X <- a X + (b A + c A^2) X with A = X X^T, from X = G / ||G||_F
+    (wide side first), five times: the singular values of G are pushed towards 1 (Jordan et al. 2024)."""
+    a, b, c = abc
+    x = g.double().T if g.shape[0] > g.shape[1] else g.double()
+    x = x / x.norm().clamp(min=1e-7)
+    for _ in range(steps):
+        A = x @ x.T
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.T if g.shape[0] > g.shape[1] else x
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_muon_step_orthogonalises_the_matrices_and_leaves_the_rest_to_adamw():
+    run = tiny_run("--optimizer", "muon", "--clip-grad", "0")
+    model, s = run.model, schedule_values(lr=1e-2, wd=5.0)  # a decay large enough to show in the step
+    muon = {id(p) for g in run.optimizer.muon.param_groups for p in g["params"]}
+    adamw = {id(p) for g in run.optimizer.adamw.param_groups for p in g["params"]}
+    names = dict(model.student.named_parameters())
+    assert not muon & adamw and muon | adamw == {id(p) for p in names.values()}  # each parameter, once
+    for n, p in names.items():  # Muon: the 2-D weights of the blocks and of the head's MLP, nothing else
+        expected = p.ndim == 2 and (n.startswith("backbone.blocks.") or n.startswith("head.mlp."))
+        assert (id(p) in muon) == expected, n
+    # a loss whose gradient is a known random (full-rank) matrix per parameter: sum_p <p, R_p>
+    gen = torch.Generator().manual_seed(0)
+    grads = {n: torch.randn(p.shape, generator=gen) for n, p in names.items()}
+    before = {n: p.detach().double().clone() for n, p in names.items()}
+    model.forward = lambda *_, **__: {"loss": sum((p * grads[n]).sum() for n, p in names.items())}
+    train.train_step(run, random_batch(run, seed=0), s, freeze_last_layer=False)
+    adam = HandAdamW()
+    with torch.no_grad():
+        for n, p in names.items():
+            theta = before[n]
+            if id(p) in muon:  # theta <- theta (1 - lr wd) - lr 0.2 sqrt(max(A, B)) NS(g): RMS matched to AdamW
+                step = (theta * (1 - s["lr"] * s["wd"]) - p.double()) / (s["lr"] * 0.2 * math.sqrt(max(p.shape)))
+                expected = newton_schulz(grads[n])  # torch iterates in bf16: within about 1.5% on these
+                assert float((step - expected).norm() / expected.norm()) < 0.03, n
+            else:
+                wd = s["wd"] if decayed(n, p) else 0.0
+                torch.testing.assert_close(p.double(), adam.step(n, theta, grads[n], s["lr"], wd), rtol=1e-5,
+                                           atol=1e-7, msg=n)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_muon_state_survives_a_checkpoint_round_trip():
+    a, b = tiny_run("--optimizer", "muon"), tiny_run("--optimizer", "muon")
+    train.train_step(a, random_batch(a, 0), schedule_values(), freeze_last_layer=False)
+    b.model.load_state_dict(a.model.state_dict())
+    b.optimizer.load_state_dict(copy.deepcopy(a.optimizer.state_dict()))
+    for run in (a, b):
+        train.train_step(run, random_batch(run, 1), schedule_values(lr=3e-3), freeze_last_layer=False)
+    for (n, p), q in zip(a.model.student.named_parameters(), b.model.student.parameters()):
+        assert torch.equal(p, q), n  # the momentum buffers and AdamW's moments came back exactly
+
+
+def test_muon_without_torch_muon_says_which_torch_it_needs(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
+    with pytest.raises(ValueError, match=r"--optimizer muon needs torch.optim.Muon \(torch >= 2.9\)"):
+        train.build(train.TrainConfig, train.parse_args(["--optimizer", "muon"]))
+
+
 def test_weight_decay_momentum_temperatures_and_freeze_follow_their_definitions():
     args, sch = schedules("--epochs", "20", "--warmup-teacher-temp-epochs", "5", "--freeze-last-layer", "2",
                           "--pred-start-epoch", "3", "--momentum-teacher", "0.99", "--teacher-temp", "0.07",
