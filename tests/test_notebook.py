@@ -56,7 +56,7 @@ def test_committed_notebook_matches_its_script():
 
 
 @pytest.mark.slow
-def test_notebook_runs_and_its_training_run_leaves_the_plateau(cifar_train, monkeypatch):
+def test_notebook_runs_and_its_training_run_learns(cifar_train, monkeypatch):
     # cifar_train (conftest.py) skips without the PNGs: the notebook would download CIFAR-10, tests never do
     monkeypatch.setenv("IBOT_CIFAR10_DIR", str(cifar_train))  # the kernel inherits it
     nbclient = pytest.importorskip("nbclient", reason="the notebook tests need the dev extra (nbclient)")
@@ -77,7 +77,12 @@ def test_notebook_runs_and_its_training_run_leaves_the_plateau(cifar_train, monk
     assert "agree: True" in text, "the hand-written loss and IBOTLoss disagree"
     assert "centre update agrees: True" in text
     assert "same as vit(x, mask=mask): True" in text
-    assert KNN_LINE.search(text), "the training run prints its kNN scores before and after, with their noise"
+    match = KNN_LINE.search(text)
+    assert match, "the training run prints its kNN scores before and after, with their noise"
+    before, after, noise = map(float, match.groups())
+    # the short run learns: it ends above its random init by more than one accuracy's standard error (measured
+    # on a CPU without AMX: 23.7 -> 27.2, noise 1.4)
+    assert after - before > noise, f"kNN {before} -> {after}: within its noise (+-{noise})"
     ln_k, cls_loss = map(float, CLS_LINE.search(text).groups())
     # the cold teacher (tau_t = 0.04 held) keeps the [CLS] targets sharp enough to learn from: its loss ends
     # below ln K, where a ramp to 0.07 leaves it (measured: 6.81 against 6.93)
