@@ -15,7 +15,7 @@ the next batches while a step runs) off the cores being timed. Prints one JSON l
 
 JSON fields of the step: img_per_s and step_s (median of the timed steps, after 3 warm-up steps), gflop_per_img
 and tflop_per_s (FlopCounterMode on one eager step); on CUDA the card's name, peak memory and MFU against its
-dense bf16 peak; on a CPU `amx` (whether it has AMX tiles), and the rate of one large matmul in the run's
+dense bf16 peak; on a CPU `amx` and `avx512_bf16` (its bf16 matrix instructions), and the rate of one large matmul in the run's
 precision (matmul_tflop_per_s) with the step's share of it (of_matmul).
 `--loader` times no step: one process on one thread makes the run's PIL views (ibot_min.MultiCropAugmentation:
 decode, crops, jitter, blur, masks, collation) of --steps batches after one warm-up batch, on the run's images, or,
@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data as D
 import ibot_min as M
 import train
-from runtime import cpu_has_bf16_matrix_units, pick_device, pick_precision, print0
+from runtime import cpu_bf16_units, pick_device, pick_precision, print0
 
 WARMUP_STEPS = 3
 # dense bf16 peak of the cards we quote MFU against (vendor figures)
@@ -94,7 +94,7 @@ def summary(args, times, global_batch, device, step_flops) -> dict:
         if peak:
             out["mfu"] = step_flops / step_s / peak
     else:  # a CPU's roofline: what one large matmul reaches here, in the run's precision
-        out["amx"] = cpu_has_bf16_matrix_units()
+        out.update(cpu_bf16_units())  # amx, avx512_bf16
         out["matmul_tflop_per_s"] = matmul_rate(torch.bfloat16 if args.precision == "bf16" else torch.float32)
         out["of_matmul"] = out["tflop_per_s"] / out["matmul_tflop_per_s"]
     print0(json.dumps(out))

@@ -129,7 +129,7 @@ def main() -> int:
                           ours_fp32_over_official_fp32=round(img_per_s["ours-fp32"] / img_per_s["official-fp32"], 2),
                           ours_bf16_over_official_fp32_by_round=dict(min=round(min(per_round), 2),
                                                                      max=round(max(per_round), 2)),
-                          amx=bench.cpu_has_bf16_matrix_units(), threads=torch.get_num_threads(),
+                          **bench.cpu_bf16_units(), threads=torch.get_num_threads(),
                           torch=torch.__version__, rounds=args.rounds)))
     return 0
 

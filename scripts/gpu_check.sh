@@ -27,7 +27,7 @@ if [ "$DRY_RUN" = 1 ]; then  # the same commands at tiny sizes on the CPU; --com
   # (TORCH_COMPILE_DISABLE), as inductor's CPU build alone would take minutes here
   DEADLINE=300; EAGER_S=60; CIFAR_S=60; DATA=${DATA:-$OUT/data_dry}
   STEP+=(--device cpu --arch vit_nano --global-size 32 --local-size 16 --batch-size 2 --out-dim 64
-         --head-hidden-dim 64 --head-bottleneck-dim 32 --precision fp32 --steps 1)  # bf16 crawls on CPUs without AMX
+         --head-hidden-dim 64 --head-bottleneck-dim 32 --precision fp32 --steps 1)  # bf16 crawls on CPUs without bf16 instructions
   CIFAR=(--preset cifar10 --device cpu --arch vit_nano --global-size 16 --local-size 8 --local-crops 2 --out-dim 64
          --head-hidden-dim 64 --head-bottleneck-dim 32 --batch-size 8 --workers 0 --holdout-per-class 8
          --knn-bank-per-class 16 --budget 10s)

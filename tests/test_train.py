@@ -15,6 +15,7 @@ from PIL import Image
 
 import data as D
 import ibot_min as M
+import runtime
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,6 +241,17 @@ def test_default_preset_follows_the_device(monkeypatch, cuda, preset, arch):
     assert args.arch == arch and args.notes[0].startswith(f"preset {preset}:")
     assert "--preset" in args.notes[0]  # it says how to override
     assert not [n for n in train.parse_args(["--preset", "cifar10"]).notes if n.startswith("preset")]
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, True, "bf16"), (False, True, "bf16"),
+                                                        (False, False, "fp32")])
+def test_cpu_precision_is_bf16_where_the_cpu_has_bf16_matrix_instructions(monkeypatch, amx, avx512_bf16, expected):
+    # AMX (Intel Xeon) or AVX-512 BF16 alone (AMD EPYC) run bf16 matmuls faster than fp32; AVX-512 alone does not
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert runtime.pick_precision(None, "cpu") == expected
+    assert runtime.pick_precision("fp32", "cpu") == "fp32"  # a flag wins
+    assert runtime.pick_precision(None, "mps") == "fp32"
 
 
 def test_default_data_is_torchvision_cifar10_or_the_folder_the_environment_names(monkeypatch, tmp_path):
