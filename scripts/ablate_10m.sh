@@ -11,9 +11,10 @@ declare -A FLAGS=(
   [muon]="--optimizer muon"
   [wsd]="--lr-schedule wsd"
   [local2]="--local-crops 2"
+  [lr1e-3]="--lr 1e-3"
 )
 rows=("$@")
-[ ${#rows[@]} -eq 0 ] && rows=(cifar10-cpu muon wsd local2)
+[ ${#rows[@]} -eq 0 ] && rows=(cifar10-cpu muon wsd local2 lr1e-3)
 for row in "${rows[@]}"; do
   name=${row%%:*}; seed=0; [[ $row == *:* ]] && seed=${row##*:}
   [ -v "FLAGS[$name]" ] || { echo "unknown row $name; expected one of ${!FLAGS[*]}" >&2; exit 2; }

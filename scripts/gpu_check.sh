@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures in one command, at most 8 minutes on one H200, one JSON out: $OUT/gpu_check.json.
-#   here:   python scripts/pack_cifar.py      # .gpu/cifar10.zip: 1,500 + 500 CIFAR-10 PNGs per class, 46 MiB
+#   here:   python scripts/pack_cifar.py --src "$IBOT_CIFAR10_DIR"   # .gpu/cifar10.zip: 1,500 + 500 CIFAR-10 PNGs per class, 46 MiB
 #   there:  bash scripts/gpu_check.sh         # OUT=runs/gpu_check by default; ZIP=.gpu/cifar10.zip (git ignores
 #                                             # .gpu/: copy it beside the checkout)
 #           bash scripts/gpu_check.sh --dry-run   # (or DRY_RUN=1) the same stages on this CPU at tiny sizes, seconds

@@ -42,14 +42,15 @@ def pack(src: Path, out: Path, train_per_class: int, val_per_class: int) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    default_src = os.environ.get("IBOT_CIFAR10_DIR") or ROOT.parent / "shared" / "data" / "cifar10" / "train"
-    p.add_argument("--src", default=str(default_src), help="CIFAR-10 class folders (default: $IBOT_CIFAR10_DIR, "
-                                                           "else ../shared/data/cifar10/train)")
+    p.add_argument("--src", default=os.environ.get("IBOT_CIFAR10_DIR"),
+                   help="CIFAR-10 class folders (default: $IBOT_CIFAR10_DIR)")
     p.add_argument("--train-per-class", type=int, default=1500)
     p.add_argument("--val-per-class", type=int, default=500)
     p.add_argument("--out", default=str(ROOT / ".gpu" / "cifar10.zip"))
     a = p.parse_args(argv)
     try:
+        if a.src is None:
+            raise ValueError("pass --src, a folder of CIFAR-10 class folders of PNGs, or set IBOT_CIFAR10_DIR to one")
         if a.train_per_class < 1 or a.val_per_class < 0:
             raise ValueError(f"--train-per-class must be at least 1 and --val-per-class at least 0, got "
                              f"{a.train_per_class} and {a.val_per_class}")

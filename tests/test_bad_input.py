@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
+from test_checkpoints import our_checkpoint
 from test_train import TINY, make_folder
 
 import data as D
@@ -44,14 +45,6 @@ def good_checkpoint(out: Path) -> Path:
     out.mkdir(parents=True)
     torch.save({"step": 7, "student": {"w": torch.ones(3)}}, out / "checkpoint.pth")
     return out / "checkpoint.pth"
-
-
-def our_checkpoint(path: Path) -> Path:
-    torch.manual_seed(0)
-    cfg = M.IBOTConfig(arch="vit_nano", patch_size=4, global_size=16, out_dim=32, head_hidden_dim=32,
-                       head_bottleneck_dim=16, local_crops=0)
-    torch.save(M.IBOT(cfg).checkpoint(), path)
-    return path
 
 
 def truncate(path: Path) -> None:

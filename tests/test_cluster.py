@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_train import make_folder
 
 import checkpoints as C
 import data as D
@@ -26,15 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "cifar10", "--dataset", "imagefolder", "--arch", "vit_nano", "--global-size", "16",
         "--local-size", "8", "--local-crops", "2", "--out-dim", "64", "--head-hidden-dim", "64", "--workers", "0",
         "--device", "cpu", "--holdout-per-class", "0", "--batch-size", "8"]
-
-
-def make_folder(root: Path, classes=2, per_class=16, size=16) -> Path:
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
-    return root
 
 
 @pytest.fixture
