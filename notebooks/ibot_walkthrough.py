@@ -49,7 +49,8 @@
 # | 6 | a short training run on CPU with the CPU recipe: losses, target entropies, kNN accuracy before and after |
 # | 7 | what the teacher looks at: [CLS] attention, patch tokens grouped, the prototype of each patch |
 #
-# It runs top to bottom in about three minutes on two CPU cores; everything random is seeded.
+# It runs top to bottom in about six minutes on two CPU cores with bf16 instructions (ten in fp32); everything
+# random is seeded.
 #
 # *Editing it:* this notebook is paired by [jupytext](https://jupytext.readthedocs.io) with the plain script
 # [`ibot_walkthrough.py`](ibot_walkthrough.py), which is what to edit and review. From the repository root,
@@ -82,6 +83,7 @@ import batched_views as BV  # noqa: E402  the views of a whole batch at once
 import data as D  # noqa: E402  datasets and the multi-crop loader
 import ibot_min as M  # noqa: E402  the method
 import train as T  # noqa: E402  the CPU recipe and the per-parameter gradient clipping of the training script
+from runtime import pick_precision  # noqa: E402  bf16 where the CPU multiplies it faster than fp32
 
 torch.manual_seed(0)
 # A ViT-nano step is made of many small matrix products: on a 2-core machine one thread is faster than two.
@@ -515,7 +517,7 @@ print("centre update agrees:",
 # The knobs follow the schedules of the paper, compressed into this run: the learning rate warms up linearly
 # for the first 10% of the steps, then decays along a cosine; the weight decay grows from 0.04 to 0.4; the
 # **teacher momentum** $m$ rises along a cosine from 0.99 to 1 (the teacher moves less and less). Three values
-# are the CPU recipe's, not the paper's ImageNet ones, because short runs on small images need them:
+# differ from the paper's ImageNet ones, because short runs on small images need them:
 #
 # * a **cold teacher**: $\tau_t = \tau_t' = 0.04$ held for the whole run. The paper warms it up to 0.07; at
 #   initialisation the teacher's logits differ so little between images that at 0.07 its targets flatten to
@@ -523,7 +525,9 @@ print("centre update agrees:",
 # * **KoLeo** (from DINOv2) at weight 0.1: $-\frac{1}{B}\sum_i \log \min_{j \ne i} \lVert z_i - z_j \rVert$
 #   over the student's normalised [CLS] features $z$ of each global crop's batch, which pushes every image's
 #   feature away from its nearest neighbour, so that different images do not collapse onto one feature;
-# * a peak learning rate of 4e-3 per 256 images, 8x the paper's.
+# * a peak learning rate of 4e-3 per 256 images, 8x the paper's and 4x the `cifar10-cpu` preset's: it learns
+#   fastest over the first few hundred steps, and this run has 300, where longer runs do better at the preset's
+#   1e-3 ([docs/cpu_recipe.md](../docs/cpu_recipe.md#ten-minute-levers)).
 #
 # Before and after, we measure the teacher's features with the paper's **kNN** protocol: the L2-normalised
 # [CLS] output of 1,000 labelled training images forms a bank; each of 1,000 held-out images takes the vote of
@@ -549,8 +553,9 @@ knn_before = knn_accuracy(model.teacher.backbone)
 print(f"kNN top-1 before training (random weights): {knn_before:.1f}%  (chance: 10%)")
 
 # %%
-STEPS, BATCH = 300, 64  # about 1.7 s a step on two CPU cores without AMX: eight or nine minutes
-LR = recipe["lr"] * BATCH / 256  # the peak, scaled from its value per 256 images
+STEPS, BATCH = 300, 64  # 1.0 s a step in bf16 on two CPU cores with AVX-512 BF16 (1.7 s in fp32): five minutes
+BF16 = pick_precision(None, "cpu") == "bf16"  # as train.py: bf16 where the CPU has AMX or AVX-512 BF16, else fp32
+LR = 4e-3 * BATCH / 256  # the peak, scaled from its value per 256 images
 TAU_T = recipe["teacher_temp"]  # tau_t = tau_t' = 0.04, held
 images = per_class(train_all, 1000)
 pixels_all = torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image, _ in images])  # uint8
@@ -590,7 +595,8 @@ for step in range(STEPS):
     for group in optimizer.param_groups:
         group["lr"] = float(lr[step])
     optimizer.param_groups[0]["weight_decay"] = float(weight_decay[step])  # group 1: biases, norms
-    out = model(global_crops, local_crops, masks, TAU_T, TAU_T)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):  # the prototype layer and the loss stay fp32
+        out = model(global_crops, local_crops, masks, TAU_T, TAU_T)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     T.clip_gradients(list(model.student.parameters()), 3.0)  # per parameter, as the official code
@@ -600,7 +606,7 @@ for step in range(STEPS):
 diagnosed.append((STEPS, diagnostics()))
 train_seconds = time.perf_counter() - start
 print(f"{STEPS} steps of batch {BATCH} ({STEPS * BATCH} images, {STEPS * BATCH / len(images):.1f} epochs) "
-      f"in {train_seconds:.0f} s")
+      f"in {train_seconds:.0f} s, {'bf16' if BF16 else 'fp32'}")
 print(f"the teacher keeps {momentum.prod():.0%} of its initial weights (the product of all m)")
 knn_after = knn_accuracy(model.teacher.backbone)
 n_val = len(val_loader.dataset)
@@ -660,17 +666,17 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# **What happened.** (The figures here are from the run above on a 2-core AMD EPYC CPU without AMX, torch
-# 2.14.1; they are printed above each time the notebook runs.) The features learned something: kNN rose from
-# 23.7% to 27.2%, 3.5 points, more than twice the +-1.4 points by which one accuracy on these 1,000 images is
-# uncertain. The curves show how. The teacher's [CLS] features of different images, alike at initialisation
+# **What happened.** (The figures here are from the run above on a 2-core AMD EPYC CPU with AVX-512 BF16 and no
+# AMX, in bf16, torch 2.14.1; they are printed above each time the notebook runs.) The features learned
+# something: kNN rose from 23.7% to 26.5%, 2.8 points, twice the +-1.4 points by which one accuracy on these
+# 1,000 images is uncertain. The curves show how. The teacher's [CLS] features of different images, alike at initialisation
 # (mean cosine 0.51), spread apart to 0.26, while the KoLeo term, the student's features' distance to their
 # nearest neighbour in the batch, falls from about 1.5 to 0.1: KoLeo and the cold teacher keep the images
 # apart. The entropy panel shows the centre at work: at step 0 the centre $c$ is still zero and the targets are
 # sharp (4.70 per image), but sharp in the same way for every image (5.43 for their batch mean); as $c$ learns
 # the shared part of the teacher's output and subtracts it, both rise, and from step 100 on each image's target
-# sharpens again (6.45 to 6.36) while the batch mean stays spread (6.78 of $\ln K = 6.93$): images get
-# targets of their own. The [CLS] loss, 6.71 at the end, sits a little below $\ln K$, the cross-entropy of a
+# sharpens again (6.45 to 6.35) while the batch mean stays spread (6.78 of $\ln K = 6.93$): images get
+# targets of their own. The [CLS] loss, 6.70 at the end, sits a little below $\ln K$, the cross-entropy of a
 # uniform prediction: with the teacher held cold its targets keep some shape, where a ramp of $\tau_t$ to 0.07
 # flattens them within a few dozen steps and pins the loss at $\ln K$
 # ([docs/cpu_recipe.md](../docs/cpu_recipe.md)). The MIM loss, about 3, sits below $\ln K / 2$ because half

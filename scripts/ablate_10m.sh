@@ -8,13 +8,14 @@ set -e
 cd "$(dirname "$0")/.."
 declare -A FLAGS=(
   [cifar10-cpu]=""
+  [lr4e-3]="--lr 4e-3"
+  [local2]="--local-crops 2"
+  [lr4e-3-local2]="--lr 4e-3 --local-crops 2"
   [muon]="--optimizer muon"
   [wsd]="--lr-schedule wsd"
-  [local2]="--local-crops 2"
-  [lr1e-3]="--lr 1e-3"
 )
 rows=("$@")
-[ ${#rows[@]} -eq 0 ] && rows=(cifar10-cpu muon wsd local2 lr1e-3)
+[ ${#rows[@]} -eq 0 ] && rows=(cifar10-cpu lr4e-3 local2 lr4e-3-local2 muon wsd)
 for row in "${rows[@]}"; do
   name=${row%%:*}; seed=0; [[ $row == *:* ]] && seed=${row##*:}
   [ -v "FLAGS[$name]" ] || { echo "unknown row $name; expected one of ${!FLAGS[*]}" >&2; exit 2; }

@@ -250,7 +250,7 @@ def test_help_shows_the_value_the_run_will_use(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--preset", "cifar10-cpu", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--lr LR 0.004 (preset cifar10-cpu)" in text and "--min-lr MIN_LR 1e-06 (TrainConfig)" in text
+    assert "--lr LR 0.001 (preset cifar10-cpu)" in text and "--min-lr MIN_LR 1e-06 (TrainConfig)" in text
     with pytest.raises(SystemExit):
         train.parse_args(["--preset", "imagenet-vit-s16", "--help"])
     assert "--lr LR 0.0005 (TrainConfig)" in " ".join(capsys.readouterr().out.split())
