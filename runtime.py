@@ -77,8 +77,8 @@ def cpu_bf16_units() -> dict[str, bool]:
 
 def cpu_has_fast_bf16() -> bool:
     """Whether bf16 matrix products outrun fp32 ones on this CPU. 1024^3 matmuls on 2 cores: AMX about 5x fp32;
-    AVX-512 BF16 without AMX 2.5x (AMD EPYC: 346 against 140 GFLOP/s, the cifar10-cpu step 1.8x); AVX-512 alone,
-    which converts bf16 to fp32 in software, 0.16x (30 against 190 GFLOP/s)."""
+    AVX-512 BF16 without AMX 2.5x (AMD EPYC: 346 against 140 GFLOP/s, the cifar10-cpu step 1.8x); AVX-512 alone
+    0.16x (30 against 190 GFLOP/s)."""
     return any(cpu_bf16_units().values())
 
 

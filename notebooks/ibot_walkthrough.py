@@ -49,7 +49,7 @@
 # | 6 | a short training run on CPU with the CPU recipe: losses, target entropies, kNN accuracy before and after |
 # | 7 | what the teacher looks at: [CLS] attention, patch tokens grouped, the prototype of each patch |
 #
-# It runs top to bottom in about six minutes on two CPU cores with bf16 instructions (ten in fp32); everything
+# It runs top to bottom in about six minutes on two CPU cores with bf16 instructions (nine in fp32); everything
 # random is seeded.
 #
 # *Editing it:* this notebook is paired by [jupytext](https://jupytext.readthedocs.io) with the plain script

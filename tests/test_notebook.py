@@ -4,7 +4,7 @@ notebooks/ibot_walkthrough.py, the percent-format script that is its source.
 The slow test executes a copy in memory with nbclient (the committed file is never written) on the real
 CIFAR-10 PNGs (conftest.py's cifar_train, handed to the notebook as IBOT_CIFAR10_DIR); without them it is
 skipped, since tests never download. Its short training run must leave the uniform plateau: the [CLS] loss
-ends below ln K. About 6 minutes on 2 CPU cores with bf16 instructions, 10 in fp32.
+ends below ln K. About 6 minutes on 2 CPU cores with bf16 instructions, 9 in fp32.
 """
 
 import re
