@@ -381,7 +381,7 @@ class IBOTHead(nn.Module):
 
 
 class IBOTLoss(nn.Module):
-    """L = lambda1 * L_cls + lambda2 * L_mim, with centred, sharpened teacher targets (docs/method.md, "Loss").
+    """L = lambda1 * L_cls + lambda2 * L_mim, with centred, sharpened teacher targets (docs/method.md, "The loss").
 
     Inputs are crop-major (all images of crop 0, then crop 1, ...; global crops first), patches row-major.
     The loss runs in fp32, uses the centres as they were before the call, then updates them by EMA.

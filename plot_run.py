@@ -39,7 +39,7 @@ def plot(run_dir: Path, out: Path | None = None) -> Path | None:
 
 
 def figure(rows: list[dict], title: str = "run"):
-    """log.jsonl rows -> a matplotlib figure of six panels, one point per row that has the quantity."""
+    """log.jsonl rows -> a matplotlib figure of seven panels, one point per row that has the quantity."""
     import matplotlib.pyplot as plt
     train_rows = [r for r in rows if "loss" in r]
 

@@ -58,7 +58,7 @@ from runtime import all_gather, all_reduce, pick_device, pick_precision, print0,
 
 @dataclass
 class TrainConfig:
-    """The run around the method: data, optimisation and schedules (docs/method.md, "Optimisation"), output.
+    """The run around the method: data, optimisation and schedules (docs/method.md, "Optimisation and schedules"), output.
     The networks and the loss are ibot_min.IBOTConfig, the views ibot_min.MultiCropAugmentation. The defaults
     are the official ViT-S/16 ImageNet recipe's."""
 
@@ -124,7 +124,7 @@ CIFAR10_DIR_ENV = "IBOT_CIFAR10_DIR"
 # Each preset holds only what differs from the dataclasses' defaults (the official ViT-S/16 recipe).
 PRESETS = {
     # The official ViT-S/16 ImageNet-1K recipe: the published command (bytedance/ibot README, "iBOT Pre-Training
-    # with ViTs": 800 epochs, 16 GPUs x 64) over main_ibot.py's defaults; tests/test_train.py holds the table.
+    # with ViTs": 800 epochs, 16 GPUs x 64) over main_ibot.py's defaults; tests/test_cluster.py holds the table.
     "imagenet-vit-s16": dict(epochs=800),
     # CIFAR-10 on one GPU: the recipe scaled to 32 px images (ViT-Tiny/4, 32 + 16 px crops, no blur, 4,096
     # prototypes), with what the CPU runs taught: a cold teacher held at tau_t = tau_t' = 0.04 (a ramp to 0.07

@@ -1,5 +1,5 @@
 """Two versions of the code, their training steps timed in turn in one process: what a change is worth on a
-machine whose speed drifts (separate runs minutes apart differ by 10-20% on the project's 2-core VMs; alternating
+machine whose speed drifts (separate runs minutes apart differ by 10-40% on the project's 2-core VMs; alternating
 step by step cancels that).
 
     git worktree add /tmp/before HEAD~1

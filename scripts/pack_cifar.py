@@ -4,8 +4,8 @@
 
 Keeps the first N and the last M images of each class (sorted by name), so `--holdout-per-class M` on the
 unpacked folder gives the same train / val split as on the full folder. The default 1,500 + 500 per class make
-a zip of about 46 MiB (CIFAR-10's PNGs, stored: they are compressed already), small enough to travel with the
-repository where a transfer is capped at 64 MiB. Unpack with `python -m zipfile -e .gpu/cifar10.zip DEST`;
+a zip of about 46 MiB (CIFAR-10's PNGs, stored: they are compressed already), small enough to carry to another machine
+with the repository. Unpack with `python -m zipfile -e .gpu/cifar10.zip DEST`;
 scripts/gpu_check.sh does.
 """
 
