@@ -738,9 +738,9 @@ draw_teacher(V.Viewed(model.teacher.backbone, model.teacher.head, model.loss.pat
 # part across images (wheels, heads, sky) rather than by the same colour.
 
 # %% [markdown]
-# **The shipped model.** `models/ibot_vit_nano_cifar10.pth` is the teacher of a one-hour run on a 2-core CPU,
-# `python train.py --budget 60m`: the same model size and the `cifar10-cpu` recipe of section 6, for 6,665 steps
-# of 64 images, 9.5 epochs (docs/results.md). `visualize.load` reads it as it reads any
+# **The shipped model.** `models/ibot_vit_nano_cifar10.pth` is the teacher of a two-hour run on a 2-core CPU,
+# `python train.py --budget 2h --lr 4e-3`: the same model size and the `cifar10-cpu` recipe of section 6, for 8,927
+# steps of 64 images, 12.7 epochs (docs/results.md). `visualize.load` reads it as it reads any
 # checkpoint, with `torch.load(..., weights_only=True)`: its teacher's backbone, its head and the centre $c'$.
 
 # %%
@@ -783,10 +783,10 @@ print(f"{hits} of {nearest.numel()} neighbours share the query's class")
 # wheel or a head. The [CLS] attention maps are still scattered: they do not outline the object.
 #
 # Its training goes on where section 6 stops: with $\tau_t$ held at 0.04 the [CLS] loss fell from
-# $\ln K = 6.93$ to 5.1 over the hour and the teacher's per-image target entropy from 6.1 to 3.3, while the
-# entropy of the batch average stayed near 5.8: confident targets that differ from image to image. Its kNN score
-# rose for the whole hour, 26.7% at initialisation to 43.6% (docs/results.md, with the curve). The paper's pictures come
-# from ViT-S/16 after 800 ImageNet epochs; this is a 0.8M-parameter model after ten CIFAR epochs.
+# $\ln K = 6.93$ to 4.9 over the two hours and the teacher's per-image target entropy from 6.2 to 2.8, while the
+# entropy of the batch average stayed near 5.6 to 5.8: confident targets that differ from image to image. Its kNN
+# score rose for the whole run, 26.8% at initialisation to 47.3% (docs/results.md, with the curve). The paper's pictures come
+# from ViT-S/16 after 800 ImageNet epochs; this is a 0.8M-parameter model after thirteen CIFAR epochs.
 
 # %% [markdown]
 # ## Where to go from here
@@ -795,7 +795,7 @@ print(f"{hits} of {nearest.numel()} neighbours share the query's class")
 #   and resumes them, and draws its curves with the collapse diagnostics; its docstring gives the GPU and
 #   multi-GPU commands. Its CPU recipe holds $\tau_t$ at 0.04, raises the learning rate and adds DINOv2's
 #   KoLeo regulariser (`--koleo 0.1`), which pushes each image's [CLS] feature away from its nearest neighbour in
-#   the batch; docs/cpu_recipe.md has the ablations and the curves of a five-minute and a one-hour run.
+#   the batch; docs/cpu_recipe.md has the ablations, docs/results.md the curves of the longer runs.
 # * `python visualize.py --checkpoint ibot_vits16_checkpoint.pth --images photos/ --output look.png` draws the
 #   pictures of section 7 for a fully trained official ViT-S/16 (224 px); `checkpoints.load_backbone(path)` reads
 #   this project's checkpoints as well as the official iBOT and DINO ones and timm's.
