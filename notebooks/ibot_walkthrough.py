@@ -783,7 +783,7 @@ print(f"{hits} of {nearest.numel()} neighbours share the query's class")
 # wheel or a head. The [CLS] attention maps are still scattered: they do not outline the object.
 #
 # Its training goes on where section 6 stops: with $\tau_t$ held at 0.04 the [CLS] loss fell from
-# $\ln K = 6.93$ to 4.9 over the two hours and the teacher's per-image target entropy from 6.2 to 2.8, while the
+# $\ln K = 6.93$ to 4.9 over the two hours and the teacher's per-image target entropy from 6.1 to 2.8, while the
 # entropy of the batch average stayed near 5.6 to 5.8: confident targets that differ from image to image. Its kNN
 # score rose for the whole run, 26.8% at initialisation to 47.3% (docs/results.md, with the curve). The paper's pictures come
 # from ViT-S/16 after 800 ImageNet epochs; this is a 0.8M-parameter model after thirteen CIFAR epochs.
