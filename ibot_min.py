@@ -163,6 +163,34 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+@torch.no_grad()
+def whiten_patch_embed(embed: PatchEmbed, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Initialise the patch projection as a whitening of the images' patches (an extension; airbench's first
+    layer, Jordan 2024, "94% on CIFAR-10 in 3.29 seconds", applied to a ViT's patch embedding).
+
+    With P = C * p * p pixel values per patch and Sigma = V diag(lambda) V^T the covariance of every p x p patch of
+    `images` (B, C, H, W), normalised as the views are: filter i is v_i / sqrt(lambda_i + eps), largest lambda
+    first, each followed by its negation, so that the first min(2P, D) output channels are unit-variance,
+    decorrelated projections of the centred patch; the rest keep their random initialisation. Biases centre
+    the whitened channels (zero mean over the patches)."""
+    if images.ndim != 4 or images.shape[1] != embed.proj.in_channels:
+        raise ValueError(f"expected images (B, {embed.proj.in_channels}, H, W) to whiten the patch embedding "
+                         f"with, got shape {tuple(images.shape)}")
+    p, D = embed.patch_size, embed.proj.out_channels
+    total, outer, count = 0.0, 0.0, 0
+    for chunk in images.split(16):  # sums over every p x p patch (stride 1), a few images at a time
+        patches = rearrange(F.unfold(chunk.double(), kernel_size=p), "b k l -> (b l) k")  # (b*L, P), conv order
+        total, outer, count = total + patches.sum(0), outer + patches.T @ patches, count + patches.shape[0]
+    mean = total / count
+    lam, V = torch.linalg.eigh(outer / count - torch.outer(mean, mean))  # Sigma's ascending lambda, columns v_i
+    W = (V / (lam.clamp(min=0) + eps).sqrt()).T.flip(0)  # (P, P): rows v_i / sqrt(lambda_i + eps), largest first
+    W = rearrange(torch.stack([W, -W], dim=1), "k two q -> (k two) q")[:D]  # (min(2P, D), P): +-v_1, +-v_2, ...
+    n = W.shape[0]
+    weight = embed.proj.weight  # (D, C, p, p)
+    weight[:n] = W.view(n, *weight.shape[1:]).to(weight.dtype)
+    embed.proj.bias[:n] = -(W @ mean).to(weight.dtype)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, embed_dim: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,

@@ -100,6 +100,7 @@ class TrainConfig:
     precision: str | None = None  # fp32 | bf16 | fp16 (default: bf16 where it pays)
     compile: bool = False  # torch.compile both backbones
     device_augment: bool = False  # decode once, make crops and masks on the device (batched_views.py)
+    patch_whitening: bool = False  # patch embedding initialised to whiten the training images' patches
 
     def __post_init__(self):
         for name in ("batch_size", "epochs", "ckpt_every"):
@@ -471,6 +472,10 @@ def setup(args) -> Run:
             yield make_views(pixels[idx], gen, masking=epoch >= args.pred_start_epoch)
 
     model = M.IBOT(cfg).to(device)
+    if args.patch_whitening and args.load_from:
+        print0(f"--patch-whitening: not applied, the weights come from {args.load_from}")
+    elif args.patch_whitening:
+        whiten_patch_embed(model, images, args.global_size)
     if args.load_from:
         load_weights(model, args.load_from)
     torch.manual_seed(args.seed + 1 + rank)  # drop path differs per rank; data draws are seeded per sample
@@ -491,6 +496,17 @@ def setup(args) -> Run:
     decayed = tuple(group["weight_decay"] != 0 for group in optimizer.param_groups)  # before any checkpoint loads
     return Run(args, config, model, student, optimizer, scaler, autocast, device, rank, world, images,
                len(sampler) // args.batch_size, epoch_batches, decayed)
+
+
+def whiten_patch_embed(model: M.IBOT, images, size: int, n: int = 256) -> None:
+    """Student and teacher start from the whitening of n training images' patches (M.whiten_patch_embed), the
+    images spread evenly over the dataset and seen as the kNN monitor sees them."""
+    pick = torch.linspace(0, len(images) - 1, min(n, len(images))).long().tolist()
+    sample = D.Transformed(images, D.eval_transform(size))
+    M.whiten_patch_embed(model.student.backbone.patch_embed, torch.stack([sample[i][0] for i in pick]).to(
+        model.student.backbone.patch_embed.proj.weight.device))
+    model.update_teacher(0.0)  # the teacher starts as a copy of the student
+    print0(f"patch embedding: the whitening of {len(pick)} training images' {size} px patches")
 
 
 def train_step(run: Run, batch, s: dict, freeze_last_layer: bool) -> dict:

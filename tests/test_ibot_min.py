@@ -644,6 +644,32 @@ def test_vit_input_errors(student_vit):
         M.vit_nano(patch_size=4, img_size=16)(x, torch.zeros(2, 16, dtype=torch.bool))
 
 
+@FEW
+@given(patch=st.sampled_from([2, 4]), dim=st.sampled_from([16, 40, 128]), seed=st.integers(0, 2**16))
+def test_whitened_patch_embedding_decorrelates_the_patches(patch, dim, seed):
+    """The first min(2P, D) channels are +-v_i / sqrt(lambda_i + eps), largest lambda first: on the images they
+    were fitted to (every patch, stride 1) they have zero mean and covariance lambda_i / (lambda_i + eps), pairs
+    are negations, and the other channels keep their initial weights."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(24, 3, 12, 12, generator=gen).cumsum(-1) / 3  # neighbouring pixels correlated
+    embed = M.PatchEmbed(patch, 3, dim)
+    before = embed.proj.weight.detach().clone()
+    M.whiten_patch_embed(embed, x)
+    P = 3 * patch * patch
+    n = min(2 * P, dim)
+    y = F.conv2d(x.double(), embed.proj.weight.double(), embed.proj.bias.double())  # every patch, stride 1
+    y = y.transpose(0, 1).flatten(1)  # (D, patches)
+    torch.testing.assert_close(y[:n].mean(1), torch.zeros(n, dtype=torch.double), atol=1e-4, rtol=0)
+    torch.testing.assert_close(embed.proj.weight[1:n:2], -embed.proj.weight[0:n:2])
+    patches = F.unfold(x.double(), patch).transpose(1, 2).flatten(0, 1)  # (patches, P)
+    lam = torch.linalg.eigvalsh(torch.cov(patches.T, correction=0)).flip(0)[: (n + 1) // 2]
+    cov = torch.cov(y[0:n:2], correction=0)  # one channel of each pair
+    torch.testing.assert_close(cov, torch.diag(lam / (lam + 5e-4)), atol=1e-4, rtol=1e-4)
+    assert torch.equal(embed.proj.weight[n:], before[n:])
+    with pytest.raises(ValueError, match=r"expected images \(B, 3, H, W\)"):
+        M.whiten_patch_embed(embed, x[:, :1])
+
+
 def test_parameter_names_and_drop_path_rates():
     vit = M.vit_nano(patch_size=4, img_size=16, masked_embed=True, drop_path_rate=0.3)
     names = set(dict(vit.named_parameters()))

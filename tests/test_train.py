@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data as D
@@ -229,6 +230,23 @@ def test_knn_monitor_spares_the_global_rng(folder):
     before = torch.get_rng_state()
     score = train.knn_monitor(model, args, "cpu")
     assert 0 <= score <= 100 and torch.equal(before, torch.get_rng_state())
+
+
+def test_patch_whitening_starts_student_and_teacher_from_the_same_whitened_embedding(folder):
+    tiny = TINY + ["--data-path", str(folder), "--batch-size", "8", "--device", "cpu", "--precision", "fp32"]
+    args = train.parse_args(tiny + ["--patch-whitening"])
+    plain = train.setup(train.parse_args(tiny))
+    run = train.setup(args)
+    student, teacher = run.model.student.backbone, run.model.teacher.backbone
+    assert torch.equal(student.patch_embed.proj.weight, teacher.patch_embed.proj.weight)
+    assert torch.equal(student.patch_embed.proj.bias, teacher.patch_embed.proj.bias)
+    assert not torch.equal(student.patch_embed.proj.weight, plain.model.student.backbone.patch_embed.proj.weight)
+    # the whitened channels' outputs on the training images' patches are decorrelated with unit-bounded variance
+    images = torch.stack([D.eval_transform(args.global_size)(img) for img, _ in run.images])
+    y = F.conv2d(images, student.patch_embed.proj.weight, student.patch_embed.proj.bias)[:, 0::2]
+    y = y[:, : 3 * args.patch_size ** 2].transpose(0, 1).flatten(1)
+    var = y.var(1)
+    assert (var < 1.01).all() and var[0] > 0.9  # lambda_i / (lambda_i + eps): the leading direction near 1
 
 
 # ---- the main job on the machine a user has, and nothing lost on faults ----
