@@ -506,7 +506,8 @@ def whiten_patch_embed(model: M.IBOT, images, size: int, n: int = 256) -> None:
     M.whiten_patch_embed(model.student.backbone.patch_embed, torch.stack([sample[i][0] for i in pick]).to(
         model.student.backbone.patch_embed.proj.weight.device))
     model.update_teacher(0.0)  # the teacher starts as a copy of the student
-    print0(f"patch embedding: the whitening of {len(pick)} training images' {size} px patches")
+    p = model.cfg.patch_size
+    print0(f"patch embedding: the whitening of the {p} x {p} patches of {len(pick)} training images")
 
 
 def train_step(run: Run, batch, s: dict, freeze_last_layer: bool) -> dict:
