@@ -503,8 +503,10 @@ print("centre update agrees:",
 # ## 6. A short training run
 #
 # Now the whole method on a CIFAR-10 subset of 10,000 images (1,000 per class), with the recipe `train.py` runs on
-# a CPU, `train.PRESETS["cifar10-cpu"]` (its choices are measured in [docs/cpu_recipe.md](../docs/cpu_recipe.md)).
-# Per step:
+# a CPU, `train.PRESETS["cifar10-cpu"]` (its choices are measured in [docs/cpu_recipe.md](../docs/cpu_recipe.md)),
+# on section 1's views and section 3's networks: the preset also starts the patch embedding as a whitening of the
+# images' patches, turns drop path off and takes larger crops, three levers for short runs that this section leaves
+# out, so that what it trains is the method as sections 1 to 5 state it. Per step:
 #
 # 1. draw the views and masks of a batch: `batched_views.BatchedMultiCrop` draws section 1's distributions for
 #    the whole batch at once in tensor operations, the fast data path `train.py` takes on a CPU;
