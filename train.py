@@ -479,7 +479,7 @@ def setup(args) -> Run:
     if args.patch_whitening and args.load_from:
         print0(f"--patch-whitening: not applied, the weights come from {args.load_from}")
     elif args.patch_whitening:
-        whiten_patch_embed(model, images, args.global_size)
+        whiten_from_training_images(model, images, args.global_size)
     if args.load_from:
         load_weights(model, args.load_from)
     torch.manual_seed(args.seed + 1 + rank)  # drop path differs per rank; data draws are seeded per sample
@@ -502,7 +502,7 @@ def setup(args) -> Run:
                len(sampler) // args.batch_size, epoch_batches, decayed)
 
 
-def whiten_patch_embed(model: M.IBOT, images, size: int, n: int = 256) -> None:
+def whiten_from_training_images(model: M.IBOT, images, size: int, n: int = 256) -> None:
     """Student and teacher start from the whitening of n training images' patches (M.whiten_patch_embed), the
     images spread evenly over the dataset and seen as the kNN monitor sees them."""
     pick = torch.linspace(0, len(images) - 1, min(n, len(images))).long().tolist()
