@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 PLAIN="--no-patch-whitening --drop-path 0.1 --global-scale 0.25 1 --local-scale 0.05 0.25"
 declare -A FLAGS=(
   [cifar10-cpu]=""
+  [cifar10-cpu+lr4e-3]="--lr 4e-3"
   [plain]="$PLAIN"
   [plain+whitening]="--drop-path 0.1 --global-scale 0.25 1 --local-scale 0.05 0.25"
   [plain+dp0]="--no-patch-whitening --global-scale 0.25 1 --local-scale 0.05 0.25"

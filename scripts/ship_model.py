@@ -2,7 +2,7 @@
 and the config, without the student, the optimiser state or the RNG. The result loads as it is with
 `checkpoints.load_backbone(path)` and `eval_linear.py --checkpoint path`.
 
-    python scripts/ship_model.py runs/ship120/checkpoint.pth models/ibot_vit_nano_cifar10.pth
+    python scripts/ship_model.py runs/ship/checkpoint.pth models/ibot_vit_nano_cifar10.pth
 """
 
 import sys

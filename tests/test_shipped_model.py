@@ -13,7 +13,7 @@ import ibot_min as M
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "ibot_vit_nano_cifar10.pth"
-# the README's sentence: "... kNN top-1 on 1,000 validation images (...): **48.0**", across line breaks
+# the README's sentence: "... kNN top-1 on 1,000 validation images (...): **53.4**", across line breaks
 README_FIGURE = re.compile(r"kNN top-1 on 1,000 validation images[^*]*\*\*([0-9.]+)\*\*")
 
 
@@ -58,5 +58,5 @@ def test_shipped_model_scores_the_readme_figure(cifar_train):
     assert stated, "the README must state the shipped model's kNN on 1,000 validation images"
     measured = shipped_knn(cifar_train)
     assert abs(measured - float(stated.group(1))) <= 1.0, f"measured {measured:.2f}, README {stated.group(1)}"
-    random_init = 28.4  # the same protocol on the same config's random init (seed 0), README
+    random_init = 27.3  # the same protocol on the same config's random init (seed 0, whitened patch embedding), README
     assert measured > random_init + 2  # the shipped model learned something, beyond the noise of 1,000 images
