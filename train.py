@@ -138,11 +138,12 @@ PRESETS = {
 # device (faster there than PIL loader processes). Its lr, 1e-3 per 256, beats 4e-3 in ten-minute runs by 1.8
 # kNN points over three seeds: the higher rate dips as the [CLS] term starts to learn. Three levers for a short
 # run, together worth 2.7 kNN points in ten minutes over three seeds (AMX CPU): the patch embedding starts as a
-# whitening of the images' patches, no drop path, and larger crops (docs/cpu_recipe.md).
+# whitening of the images' patches, no drop path, and larger crops. A fourth, a faster teacher (m from 0.97 rather
+# than 0.99), is worth 0.75 more over three seeds (AVX-512 BF16 CPU): the [CLS] term learns sooner (docs/cpu_recipe.md).
 PRESETS["cifar10-cpu"] = {**PRESETS["cifar10"], "arch": "vit_nano", "out_dim": 1024, "head_hidden_dim": 512,
                           "batch_size": 64, "device_augment": True, "knn_every_steps": 250,
                           "patch_whitening": True, "drop_path": 0.0, "global_scale": (0.4, 1.0),
-                          "local_scale": (0.1, 0.4)}
+                          "local_scale": (0.1, 0.4), "momentum_teacher": 0.97}
 PRESETS["cifar100"] = {**PRESETS["cifar10"], "dataset": "cifar100"}
 CONFIGS = (M.IBOTConfig, M.MultiCropAugmentation, TrainConfig)
 CHOICES = dict(arch=sorted(M.ARCHS), centering=["center", "sinkhorn"], mask_shape=["block", "rand"],

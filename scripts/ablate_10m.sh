@@ -6,16 +6,22 @@
 # usage: bash scripts/ablate_10m.sh [ROW ...]   (default: every row, seed 0; ROW is NAME or NAME:SEED)
 set -e
 cd "$(dirname "$0")/.."
-# the recipe without the preset's three initialisation and view levers: a random patch embedding, drop path 0.1,
-# the published crop scales
-PLAIN="--no-patch-whitening --drop-path 0.1 --global-scale 0.25 1 --local-scale 0.05 0.25"
+# the preset as it was before its faster teacher: m from 0.99
+M99="--momentum-teacher 0.99"
+# the recipe without the preset's three initialisation and view levers (a random patch embedding, drop path 0.1,
+# the published crop scales) nor its faster teacher
+PLAIN="--no-patch-whitening --drop-path 0.1 --global-scale 0.25 1 --local-scale 0.05 0.25 $M99"
 declare -A FLAGS=(
   [cifar10-cpu]=""
-  [cifar10-cpu+lr4e-3]="--lr 4e-3"
+  [m0.99]="$M99"
+  [m0.95]="--momentum-teacher 0.95"
+  [m0.99+lr4e-3]="$M99 --lr 4e-3"
+  [m0.99+wsd]="$M99 --lr-schedule wsd"
+  [m0.99+batch32]="$M99 --batch-size 32 --knn-every-steps 500"
   [plain]="$PLAIN"
-  [plain+whitening]="--drop-path 0.1 --global-scale 0.25 1 --local-scale 0.05 0.25"
-  [plain+dp0]="--no-patch-whitening --global-scale 0.25 1 --local-scale 0.05 0.25"
-  [plain+crops]="--no-patch-whitening --drop-path 0.1"
+  [plain+whitening]="--drop-path 0.1 --global-scale 0.25 1 --local-scale 0.05 0.25 $M99"
+  [plain+dp0]="--no-patch-whitening --global-scale 0.25 1 --local-scale 0.05 0.25 $M99"
+  [plain+crops]="--no-patch-whitening --drop-path 0.1 $M99"
   [lr4e-3]="$PLAIN --lr 4e-3"
   [local2]="$PLAIN --local-crops 2"
   [lr4e-3-local2]="$PLAIN --lr 4e-3 --local-crops 2"
@@ -23,7 +29,8 @@ declare -A FLAGS=(
   [wsd]="$PLAIN --lr-schedule wsd"
 )
 rows=("$@")
-[ ${#rows[@]} -eq 0 ] && rows=(cifar10-cpu plain plain+whitening plain+dp0 plain+crops lr4e-3 local2 lr4e-3-local2 muon wsd)
+[ ${#rows[@]} -eq 0 ] && rows=(cifar10-cpu m0.99 m0.95 m0.99+lr4e-3 m0.99+wsd m0.99+batch32
+                             plain plain+whitening plain+dp0 plain+crops lr4e-3 local2 lr4e-3-local2 muon wsd)
 for row in "${rows[@]}"; do
   name=${row%%:*}; seed=0; [[ $row == *:* ]] && seed=${row##*:}
   [ -v "FLAGS[$name]" ] || { echo "unknown row $name; expected one of ${!FLAGS[*]}" >&2; exit 2; }
