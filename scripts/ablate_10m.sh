@@ -18,6 +18,11 @@ declare -A FLAGS=(
   [m0.99+lr4e-3]="$M99 --lr 4e-3"
   [m0.99+wsd]="$M99 --lr-schedule wsd"
   [m0.99+batch32]="$M99 --batch-size 32 --knn-every-steps 500"
+  [cifar10-cpu+wsd]="--lr-schedule wsd"
+  [cifar10-cpu+muon]="--optimizer muon"
+  [cifar10-cpu+koleo0.3]="--koleo 0.3"
+  [cifar10-cpu+tau0.03]="--teacher-temp 0.03 --warmup-teacher-temp 0.03"
+  [cifar10-cpu+lambda0.5]="--lambda2 0.5"
   [plain]="$PLAIN"
   [plain+whitening]="--drop-path 0.1 --global-scale 0.25 1 --local-scale 0.05 0.25 $M99"
   [plain+dp0]="--no-patch-whitening --global-scale 0.25 1 --local-scale 0.05 0.25 $M99"
@@ -29,7 +34,8 @@ declare -A FLAGS=(
   [wsd]="$PLAIN --lr-schedule wsd"
 )
 rows=("$@")
-[ ${#rows[@]} -eq 0 ] && rows=(cifar10-cpu m0.99 m0.95 m0.99+lr4e-3 m0.99+wsd m0.99+batch32
+[ ${#rows[@]} -eq 0 ] && rows=(cifar10-cpu m0.99 m0.95 m0.99+lr4e-3 m0.99+wsd m0.99+batch32 cifar10-cpu+wsd cifar10-cpu+koleo0.3
+                             cifar10-cpu+muon cifar10-cpu+tau0.03 cifar10-cpu+lambda0.5
                              plain plain+whitening plain+dp0 plain+crops lr4e-3 local2 lr4e-3-local2 muon wsd)
 for row in "${rows[@]}"; do
   name=${row%%:*}; seed=0; [[ $row == *:* ]] && seed=${row##*:}

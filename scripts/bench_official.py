@@ -14,7 +14,8 @@ like the official step on its ready tensors, ours runs on a batch drawn before t
 preparing the next batch would share the 2 cores with the timed step). Each round times one step of every variant
 in turn, so that all four see the same machine even when its speed drifts within minutes; each figure is the
 median over rounds. One JSON line per round (img/s of each variant), then a summary line with the ratios and the
-smallest and largest round-by-round ratio of ours (bf16) to the official fp32 step.
+smallest and largest round-by-round ratio of ours (bf16) to the official fp32 step, and the ceiling of any step
+that does our step's matrix products: their time alone at their own shapes (bench.py --matmuls) over the official step.
 """
 
 import argparse
@@ -123,12 +124,16 @@ def main() -> int:
             print(json.dumps(dict(round=r - WARMUP, **img_per_s)), flush=True)
     img_per_s = {name: B / statistics.median(v) for name, v in seconds.items()}
     per_round = [o / b for o, b in zip(seconds["official-fp32"], seconds["ours-bf16"])]  # the ratio round by round
+    # ours' matrix products alone at their shapes (bench.matmul_floor): no step that computes them can be faster
+    floor = bench.matmul_floor(train.parse_args(OURS + ["--precision", "bf16"]), B / img_per_s["ours-bf16"])
     print(json.dumps(dict(img_per_s={k: round(v, 2) for k, v in img_per_s.items()},
                           ours_bf16_over_official_fp32=round(img_per_s["ours-bf16"] / img_per_s["official-fp32"], 2),
                           ours_bf16_over_official_bf16=round(img_per_s["ours-bf16"] / img_per_s["official-bf16"], 2),
                           ours_fp32_over_official_fp32=round(img_per_s["ours-fp32"] / img_per_s["official-fp32"], 2),
                           ours_bf16_over_official_fp32_by_round=dict(min=round(min(per_round), 2),
                                                                      max=round(max(per_round), 2)),
+                          matmul_floor_bf16_over_official_fp32=round(floor["floor_img_per_s"]
+                                                                     / img_per_s["official-fp32"], 2),
                           **bench.cpu_bf16_units(), threads=torch.get_num_threads(),
                           torch=torch.__version__, rounds=args.rounds)))
     return 0
