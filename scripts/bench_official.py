@@ -13,9 +13,10 @@ for comparison. Ours is train.py's step (train.setup, train.train_step, as bench
 like the official step on its ready tensors, ours runs on a batch drawn before the clock starts (loader processes
 preparing the next batch would share the 2 cores with the timed step). Each round times one step of every variant
 in turn, so that all four see the same machine even when its speed drifts within minutes; each figure is the
-median over rounds. One JSON line per round (img/s of each variant), then a summary line with the ratios and the
-smallest and largest round-by-round ratio of ours (bf16) to the official fp32 step, and the ceiling of any step
-that does our step's matrix products: their time alone at their own shapes (bench.py --matmuls) over the official step.
+median over rounds. One JSON line per round (img/s of each variant), one line of our step's matrix products timed
+alone at their own shapes (bench.py --matmuls), then a summary line with the ratios, the smallest and largest
+round-by-round ratio of ours (bf16) to the official fp32 step, and that floor over the official fp32 step: the
+ceiling of any step that does our step's matrix products.
 """
 
 import argparse
