@@ -230,4 +230,4 @@ def test_images_of_one_size_are_stored_as_they_are(tmp_path):
     stored = D.decode_all(images, workers=2 if os.cpu_count() > 1 else 0, global_size=8)
     assert stored.shape == (3, 3, 12, 20)
     for i in range(3):
-        assert torch.equal(stored[i], torch.from_numpy(np.asarray(images[i][0])).permute(2, 0, 1))
+        assert torch.equal(stored[i], torch.from_numpy(np.array(images[i][0])).permute(2, 0, 1))
