@@ -35,6 +35,7 @@ from runtime import all_reduce, world_size
 # Parameter counts are for the backbone at patch 16, 224 px (vit_nano: 0.8M at patch 4, 32 px).
 ARCHS = {
     "vit_nano": dict(embed_dim=128, depth=4, num_heads=2),  # 0.8M, for CPU tests and smoke runs
+    "vit_micro": dict(embed_dim=192, depth=4, num_heads=3),  # 1.8M at patch 4, 32 px: vit_tiny's width, 4 blocks
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),  # 5.5M
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),  # 21.7M
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),  # 85.8M
@@ -277,7 +278,7 @@ def _vit(name):
     return build
 
 
-vit_nano, vit_tiny, vit_small, vit_base, vit_large = (_vit(n) for n in ARCHS)
+vit_nano, vit_micro, vit_tiny, vit_small, vit_base, vit_large = (_vit(n) for n in ARCHS)
 
 
 # ---------------------------------------------------------------------------------------------------
