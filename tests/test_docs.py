@@ -3,7 +3,8 @@
 Every relative link resolves to a file inside the repository (and a #section to a heading of the page it names),
 no page points at a folder beside the repository, and every `python X.py ...` command in the README's code
 blocks is accepted by X.py's own argument parser: its --help exits 0 and lists each flag the command uses, and
-where X.py exposes its parser the whole command line parses, values included. Nothing here needs data or a GPU.
+where X.py exposes its parser the whole command line parses, values included; docs/method.md's architecture table
+matches ibot_min.ARCHS. Nothing here needs data or a GPU.
 """
 
 import os
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import ibot_min as M
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -195,3 +198,11 @@ def test_every_readme_command_parses(help_texts, monkeypatch):
         except ValueError as e:
             problems.append(f"python {script} {shlex.join(arguments)}: {e}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_method_page_lists_every_architecture_with_its_shape():
+    """docs/method.md's architecture table: one row per key of ibot_min.ARCHS, with its D, blocks and heads."""
+    row = re.compile(r"^\| `(vit_\w+)`[^|]*\| (\d+) \| (\d+) \| (\d+) \|", re.M)  # | `name` | D | blocks | heads |
+    table = row.findall((ROOT / "docs" / "method.md").read_text())
+    rows = {name: (int(d), int(blocks), int(heads)) for name, d, blocks, heads in table}
+    assert rows == {name: (a["embed_dim"], a["depth"], a["num_heads"]) for name, a in M.ARCHS.items()}
